@@ -1,0 +1,26 @@
+"""The router load-balancing loss for DBRX under TRL.
+
+DBRX's own forward adds `ffn_config.moe_loss_weight * aux_loss` when asked for router logits, but TRL 1.16's
+trainers drive MoE models through their generic path instead: they read the coefficient from
+`config.router_aux_loss_coef` (absent on DbrxConfig, so the loss is silently off) and their fused LM-head forward
+reads `config.num_experts` / `config.num_experts_per_tok` (absent too, so a non-zero coefficient crashes).
+`sync_moe_config` gives the config those generic names, derived from `ffn_config`, so TRL weights the DBRX loss
+by DBRX's own coefficient. They are recomputed on every load, so they never drift from `ffn_config`.
+"""
+
+from __future__ import annotations
+
+from transformers import DbrxConfig
+
+
+def sync_moe_config(config: DbrxConfig, moe_loss_weight: float | None = None) -> DbrxConfig:
+    """Expose DBRX's MoE settings under the names TRL reads; optionally override the loss weight (in place)."""
+    ffn = config.ffn_config
+    if moe_loss_weight is not None:
+        if moe_loss_weight < 0:
+            raise ValueError(f"moe_loss_weight must be >= 0, got {moe_loss_weight}")
+        ffn.moe_loss_weight = float(moe_loss_weight)
+    config.num_experts = ffn.moe_num_experts
+    config.num_experts_per_tok = ffn.moe_top_k
+    config.router_aux_loss_coef = ffn.moe_loss_weight
+    return config

@@ -1,0 +1,280 @@
+"""YAML recipes -> typed argument dataclasses, with `--key value` overrides and errors that name the key.
+
+A recipe is one flat YAML mapping, in the style of alignment-handbook: every key is named exactly like a field
+of TRL's / transformers' argument dataclasses (`ModelConfig`, `ScriptArguments`, `SFTConfig`, ...) or of the
+few DBRX-specific fields added here. A stage script is launched as
+
+    accelerate launch sft/train.py recipes/dbrx_sft.yaml --learning_rate 1e-5 --num_train_epochs 2
+
+Everything is checked before any model or dataset is touched: malformed YAML, unknown keys (with the closest
+valid keys suggested), values of the wrong type, and the dataclasses' own validation are all reported with the
+recipe path and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+from trl import ModelConfig, ScriptArguments
+
+
+class RecipeError(ValueError):
+    """A recipe (or a command-line override) is malformed; the message names the file and key."""
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` plus the DBRX-specific keys a recipe may set.
+
+    `model_name_or_path` is a hub id (databricks/dbrx-base) or a local directory in the published DBRX layout
+    (safetensors shards, original config.json, tokenizer files when present).
+    """
+
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use; default: the model's own, else the offline DBRX tokenizer."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom code from the model repository. Off unless the recipe asks."}
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={"help": "Build the model from its config with random weights (tiny recipes, benchmarks)."},
+    )
+    experts_implementation: Literal["grouped", "eager"] = field(
+        default="grouped",
+        metadata={"help": "MoE experts: 'grouped' (grouped GEMM, 3D expert weights) or 'eager' (transformers' loop)."},
+    )
+    moe_loss_weight: float | None = field(
+        default=None,
+        metadata={"help": "Router load-balancing loss weight; default: the config's ffn_config.moe_loss_weight."},
+    )
+    lora_target_experts: bool = field(
+        default=True, metadata={"help": "With use_peft: also put one LoRA per expert on w1/v1/w2."}
+    )
+    train_router: bool = field(default=False, metadata={"help": "With use_peft: train the MoE router weights too."})
+
+
+@dataclass
+class DataArguments(ScriptArguments):
+    """TRL's `ScriptArguments` (dataset_name, dataset_config, splits) plus sample caps for quick runs."""
+
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Separate evaluation dataset (file, directory or hub id)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation rows."})
+    truncation: bool = field(
+        default=True,
+        metadata={
+            "help": "Truncate samples longer than max_length. When false, such a sample is an error naming the file "
+            "and row, raised before training."
+        },
+    )
+
+
+@dataclass
+class RunArguments:
+    """Keys that belong to a run rather than to the model, the data or the trainer."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow writing into a non-empty output_dir that holds something other than this toolkit's runs "
+            "(transformers 5 dropped the key of this name; nothing is ever deleted)."
+        },
+    )
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: one instance of each argument dataclass, plus the effective YAML mapping."""
+
+    path: str
+    model: ModelArguments
+    data: DataArguments
+    run: RunArguments
+    training: Any
+    values: dict[str, Any]
+    stage: Any = None
+
+
+def load_yaml_mapping(path: str) -> dict[str, Any]:
+    """Read a recipe file; any problem is a `RecipeError` naming the file."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: malformed YAML: {err}") from err
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of key: value, got {type(values).__name__}")
+    for key in values:
+        if not isinstance(key, str):
+            raise RecipeError(f"{path}: keys must be strings, got {key!r}")
+    return values
+
+
+def parse_overrides(argv: list[str], source: str = "command line") -> dict[str, Any]:
+    """Turn `--key value` / `--key=value` / bare `--flag` into a mapping; values are parsed as YAML scalars."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise RecipeError(f"{source}: expected --key value after the recipe path, got {token!r}")
+        key, sep, raw = token[2:].partition("=")
+        if not sep:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                raw = argv[i + 1]
+                i += 1
+            else:
+                raw = "true"  # a bare flag
+        key = key.replace("-", "_")
+        try:
+            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            overrides[key] = raw
+        i += 1
+    return overrides
+
+
+def _accepted_types(annotation: Any) -> list[Any]:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return [t for arg in typing.get_args(annotation) for t in _accepted_types(arg)]
+    return [annotation]
+
+
+def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Return (ok, value converted to the annotation) for the plain types recipes use."""
+    if value is None:
+        return True, value  # None means "the library's default behaviour"; the dataclass validates further
+    for kind in _accepted_types(annotation):
+        origin = typing.get_origin(kind) or kind
+        if kind is Any or kind is typing.Any:
+            return True, value
+        if origin is Literal:
+            if value in typing.get_args(kind):
+                return True, value
+            continue
+        if isinstance(origin, type) and issubclass(origin, enum.Enum):
+            if value in {member.value for member in origin} or isinstance(value, origin):
+                return True, value
+            continue
+        if origin is bool:
+            if isinstance(value, bool):
+                return True, value
+            continue
+        if origin is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True, value
+            continue
+        if origin is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return True, float(value)
+            if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+                try:
+                    return True, float(value)
+                except ValueError:
+                    continue
+            continue
+        if origin is str:
+            if isinstance(value, str):
+                return True, value
+            continue
+        if origin in (list, tuple, dict):
+            if isinstance(value, origin) or (origin is tuple and isinstance(value, list)):
+                return True, value
+            continue
+        if isinstance(origin, type) and isinstance(value, origin):
+            return True, value
+    return False, value
+
+
+def _describe(annotation: Any) -> str:
+    names = []
+    for kind in _accepted_types(annotation):
+        origin = typing.get_origin(kind) or kind
+        if origin is Literal:
+            names.append(" | ".join(repr(v) for v in typing.get_args(kind)))
+        elif isinstance(origin, type) and issubclass(origin, enum.Enum):
+            names.append(" | ".join(repr(m.value) for m in origin))
+        else:
+            names.append(getattr(origin, "__name__", str(origin)))
+    return " or ".join(dict.fromkeys(names))
+
+
+def _fields_by_class(classes: list[type]) -> dict[type, dict[str, Any]]:
+    fields = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        fields[cls] = {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
+    return fields
+
+
+def parse_recipe(argv: list[str], training_class: type, extra_class: type | None = None) -> Recipe:
+    """Parse `RECIPE.yaml [--key value ...]` into a `Recipe` for a stage whose trainer takes `training_class`.
+
+    `extra_class` is an optional stage-specific dataclass (e.g. the PPO reward-model keys).
+    """
+    if not argv or argv[0].startswith("--"):
+        raise RecipeError("usage: <stage script> RECIPE.yaml [--key value ...]: the recipe path comes first")
+    path = argv[0]
+    values = load_yaml_mapping(path)
+    values.update(parse_overrides(argv[1:], source=f"{path} (command-line overrides)"))
+    # `resume_from_checkpoint: true` means "the latest checkpoint in output_dir" (transformers types it as str).
+    if values.get("resume_from_checkpoint") is True:
+        values["resume_from_checkpoint"] = "latest"
+    elif values.get("resume_from_checkpoint") is False:
+        values["resume_from_checkpoint"] = None
+
+    classes = [ModelArguments, DataArguments, RunArguments, training_class] + ([extra_class] if extra_class else [])
+    fields = _fields_by_class(classes)
+    known = {name for class_fields in fields.values() for name in class_fields}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+            lines.append(f"unknown key {key!r}{hint}")
+        raise RecipeError(f"{path}: " + "; ".join(lines))
+
+    kwargs: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
+    for key, value in values.items():
+        for cls, class_fields in fields.items():
+            if key not in class_fields:
+                continue
+            ok, converted = _coerce(value, class_fields[key])
+            if not ok:
+                raise RecipeError(
+                    f"{path}: key {key!r} expects {_describe(class_fields[key])}, got {type(value).__name__} {value!r}"
+                )
+            kwargs[cls][key] = converted
+
+    instances = {}
+    for cls in classes:
+        try:
+            instances[cls] = cls(**kwargs[cls])
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"{path}: invalid {cls.__name__}: {err}") from err
+    return Recipe(
+        path=path,
+        model=instances[ModelArguments],
+        data=instances[DataArguments],
+        run=instances[RunArguments],
+        training=instances[training_class],
+        values=values,
+        stage=instances[extra_class] if extra_class else None,
+    )

@@ -1,0 +1,124 @@
+"""The life cycle every stage script shares: parse and check, build, train, save.
+
+Stage scripts (`sft/train.py`, `reward_models/train.py`, `rlhf/*.py`) stay a page long by calling these in order.
+Everything that can be checked without a model (recipe, output directory, dataset schema and lengths) is
+checked by `start_stage` / `load_stage_datasets` before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+import yaml
+from transformers import PreTrainedTokenizerBase, Trainer
+
+from dbrx_tune.data import load_splits
+from dbrx_tune.data.validation import check_lengths, validate_preference_dataset, validate_prompt_dataset, validate_sft_dataset
+from dbrx_tune.output_dir import check_output_dir, mark_output_dir, resolve_resume_checkpoint
+from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
+from dbrx_tune.tokenizer import load_tokenizer
+
+logger = logging.getLogger("dbrx_tune")
+
+VALIDATORS = {
+    "sft": validate_sft_dataset,
+    "preference": validate_preference_dataset,
+    "prompt": validate_prompt_dataset,
+}
+
+
+def setup_logging(main_process: bool) -> None:
+    """INFO on the main process, WARNING elsewhere, for us and the libraries we drive."""
+    level = logging.INFO if main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(level)
+
+
+def start_stage(argv: list[str] | None, training_class: type, stage_class: type | None = None) -> Recipe:
+    """Parse the recipe and check the output directory. Exits with a one-line message on bad input."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        recipe = parse_recipe(argv, training_class, stage_class)
+    except RecipeError as err:
+        raise SystemExit(f"error: {err}") from None
+    args = recipe.training
+    setup_logging(args.process_index == 0)
+    check_output_dir(
+        args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
+    )
+    return recipe
+
+
+def load_stage_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The tokenizer shipped with the model, else the offline DBRX tokenizer."""
+    model_args = recipe.model
+    return load_tokenizer(
+        model_args.model_name_or_path,
+        tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_stage_datasets(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase,
+                        max_length: int | None = None) -> datasets.DatasetDict:
+    """Load train/test splits and validate them for a stage of `kind` ("sft", "preference" or "prompt").
+
+    Every prompt must leave room for a completion under `max_length`, and with the recipe's `truncation: false`
+    every whole row must fit; errors name the file and row.
+    """
+    data = recipe.data
+    if not data.dataset_name:
+        raise SystemExit(f"error: {recipe.path}: dataset_name is required")
+    splits = load_splits(
+        data.dataset_name,
+        config=data.dataset_config,
+        train_split=data.dataset_train_split,
+        test_split=data.dataset_test_split,
+        eval_dataset_name=data.eval_dataset_name,
+        require_test=recipe.training.eval_strategy != "no",
+        max_train_samples=data.max_train_samples,
+        max_eval_samples=data.max_eval_samples,
+        seed=recipe.training.seed,
+    )
+    for split, dataset in splits.items():
+        source = f"{data.eval_dataset_name if split != 'train' and data.eval_dataset_name else data.dataset_name} [{split}]"
+        VALIDATORS[kind](dataset, source)
+        if max_length is not None:
+            check_lengths(dataset, tokenizer, max_length, source, allow_truncation=data.truncation)
+    return splits
+
+
+def train_and_save(trainer: Trainer, recipe: Recipe, stage: str) -> dict:
+    """Train (resuming when asked), then save a plain HF checkpoint, the resolved recipe and the metrics."""
+    args = trainer.args
+    if trainer.is_world_process_zero():
+        mark_output_dir(args.output_dir, stage, recipe.path)
+    resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    trainer.save_model(args.output_dir)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        processing_class = trainer.processing_class
+        if processing_class is not None:
+            processing_class.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "recipe.yaml"), "w", encoding="utf-8") as handle:
+            yaml.safe_dump(_plain(recipe.values), handle, sort_keys=False)
+        logger.info("saved %s model, tokenizer, recipe and metrics to %s", stage, args.output_dir)
+    return metrics
+
+
+def _plain(values: dict) -> dict:
+    """YAML-safe copy of the recipe values (enums and paths as strings)."""
+    return json.loads(json.dumps(values, default=str))

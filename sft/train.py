@@ -1,0 +1,39 @@
+"""Supervised fine-tuning of DBRX with TRL's SFTTrainer.
+
+    accelerate launch sft/train.py recipes/dbrx_sft.yaml [--key value ...]
+
+Everything DBRX-specific (RoPE base, router aux loss, grouped experts, expert LoRA, ZeRO-3 leaf modules,
+tokenizer) comes from `dbrx_tune`; this script only wires the pieces together.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from dbrx_tune.modeling.loading import load_causal_lm  # noqa: E402
+from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    recipe = start_stage(argv, SFTConfig)
+    args = recipe.training
+    tokenizer = load_stage_tokenizer(recipe)
+    splits = load_stage_datasets(recipe, "sft", tokenizer, max_length=args.max_length)
+    model = load_causal_lm(recipe.model, tokenizer)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("test"),
+        processing_class=tokenizer,
+    )
+    return train_and_save(trainer, recipe, "sft")
+
+
+if __name__ == "__main__":
+    main()

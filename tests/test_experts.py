@@ -1,0 +1,170 @@
+"""DbrxGroupedExperts: same numbers as transformers' stock DBRX experts, and checkpoints in DBRX's original layout."""
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import DbrxForCausalLM
+from transformers.models.dbrx.modeling_dbrx import DbrxExperts
+
+from dbrx_tune.modeling import experts as experts_module
+from dbrx_tune.modeling.config import tiny_dbrx_config
+from dbrx_tune.modeling.experts import DbrxGroupedExperts, grouped_mm_supported, set_experts_implementation
+
+
+def _tiny_model(seed: int = 0) -> DbrxForCausalLM:
+    torch.manual_seed(seed)
+    return DbrxForCausalLM(tiny_dbrx_config()).float().eval()
+
+
+def _routing(tokens: int, config, seed: int = 1, skip_expert: int | None = None):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, config.moe_num_experts, generator=generator)
+    if skip_expert is not None:
+        logits[:, skip_expert] = -1e9  # an expert that receives no token
+    weights, index = torch.topk(torch.softmax(logits, -1), config.moe_top_k, dim=-1)
+    return weights, index
+
+
+@pytest.mark.parametrize("skip_expert", [None, 2])
+def test_grouped_experts_match_stock_outputs_and_gradients(skip_expert):
+    ffn_config = tiny_dbrx_config().ffn_config
+    torch.manual_seed(0)
+    stock = DbrxExperts(ffn_config)
+    for name in ("w1", "v1", "w2"):
+        torch.nn.init.normal_(getattr(stock.mlp, name), std=0.05)
+    ours = DbrxGroupedExperts.from_stock(DbrxExperts(ffn_config), ffn_config)
+    ours.load_state_dict(stock.state_dict())  # through the original-layout load hook
+    weights, index = _routing(12, ffn_config, skip_expert=skip_expert)
+    x = torch.randn(2, 6, ffn_config.hidden_size)
+    grad_out = torch.randn(2, 6, ffn_config.hidden_size)
+
+    results = []
+    for module in (stock, ours):
+        inputs = x.clone().requires_grad_()
+        top_w = weights.clone().requires_grad_()
+        out = module(inputs, index, top_w)
+        out.backward(grad_out)
+        results.append((out, inputs.grad, top_w.grad, module.state_dict(keep_vars=False)))
+    (out_s, dx_s, dw_s, _), (out_o, dx_o, dw_o, _) = results
+    torch.testing.assert_close(out_o, out_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_o, dx_s, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dw_o, dw_s, rtol=1e-5, atol=1e-6)
+    for name in ("w1", "v1", "w2"):
+        stock_grad = getattr(stock.mlp, name).grad
+        ours_grad = experts_module.to_original_layout(name, getattr(ours, name).grad)
+        torch.testing.assert_close(ours_grad, stock_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_swap_keeps_values_storage_dtype_and_requires_grad():
+    model = _tiny_model().to(torch.bfloat16)
+    stock_mlp = model.transformer.blocks[0].ffn.experts.mlp
+    w1_ptr, w2_before = stock_mlp.w1.data_ptr(), stock_mlp.w2.detach().clone()
+    stock_mlp.v1.requires_grad_(False)
+    set_experts_implementation(model, "grouped")
+    ours = model.transformer.blocks[0].ffn.experts
+    assert isinstance(ours, DbrxGroupedExperts)
+    assert ours.w1.data_ptr() == w1_ptr  # a view, not a copy
+    assert ours.w1.dtype == torch.bfloat16 and ours.w1.shape == (4, 128, 64) and ours.w2.shape == (4, 64, 128)
+    assert not ours.v1.requires_grad and ours.w1.requires_grad
+    assert torch.equal(experts_module.to_original_layout("w2", ours.w2), w2_before)
+
+
+def test_swapped_model_matches_stock_logits_loss_and_router_aux_loss():
+    model = _tiny_model()
+    ids = torch.randint(0, 1000, (2, 10))
+    ref = model(ids, labels=ids, output_router_logits=True)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if "experts" not in n}
+    model.zero_grad()
+    set_experts_implementation(model, "grouped")
+    out = model(ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.aux_loss, ref.aux_loss)
+    assert len(out.router_logits) == 2
+    for name, param in model.named_parameters():
+        if name in ref_grads:
+            torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_save_pretrained_writes_original_names_and_stock_model_loads_it(tmp_path):
+    model = set_experts_implementation(_tiny_model(), "grouped")
+    ids = torch.randint(0, 1000, (1, 8))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["transformer.blocks.0.ffn.experts.mlp.w2"].shape == (4 * 128, 64)
+    assert not any(key.endswith("experts.w1") for key in tensors)
+    stock = DbrxForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(stock.transformer.blocks[0].ffn.experts) is DbrxExperts
+    torch.testing.assert_close(stock(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_stock_checkpoint_loads_into_swapped_model(tmp_path):
+    stock = _tiny_model(seed=3)
+    stock.save_pretrained(tmp_path)
+    fresh = set_experts_implementation(_tiny_model(seed=4), "grouped")
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state.get("lm_head.weight", state["transformer.wte.weight"])
+    fresh.load_state_dict(state, strict=True)
+    ids = torch.randint(0, 1000, (1, 8))
+    torch.testing.assert_close(fresh(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_checkpoint_of_another_shape_names_the_tensor():
+    model = set_experts_implementation(_tiny_model(), "grouped")
+    state = model.state_dict()
+    state["transformer.blocks.1.ffn.experts.mlp.v1"] = torch.zeros(3 * 128, 64)
+    with pytest.raises(ValueError, match=r"transformer\.blocks\.1\.ffn\.experts\.mlp\.v1.*\(384, 64\)"):
+        model.load_state_dict(state)
+
+
+def test_fallback_warns_once(caplog, monkeypatch):
+    monkeypatch.setattr(experts_module, "_fallback_warned", False)
+    model = set_experts_implementation(_tiny_model(), "grouped")
+    ids = torch.randint(0, 1000, (1, 6))
+    with caplog.at_level(logging.WARNING, logger="dbrx_tune.modeling.experts"):
+        model(ids)
+        model(ids)
+    warnings = [r for r in caplog.records if "grouped_mm" in r.getMessage()]
+    assert len(warnings) == 1 and "cpu" in warnings[0].getMessage()
+
+
+def test_eager_restores_stock_experts_with_same_logits():
+    model = _tiny_model()
+    ids = torch.randint(0, 1000, (1, 6))
+    ref = model(ids).logits
+    set_experts_implementation(model, "grouped")
+    set_experts_implementation(model, "eager")
+    assert type(model.transformer.blocks[1].ffn.experts) is DbrxExperts
+    torch.testing.assert_close(model(ids).logits, ref)
+
+
+def test_unknown_implementation_is_rejected():
+    with pytest.raises(ValueError, match="experts_implementation='fast'"):
+        set_experts_implementation(_tiny_model(), "fast")
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and grouped_mm_supported(torch.device("cuda"), torch.bfloat16)),
+    reason="needs torch._grouped_mm (CUDA compute capability >= 9.0)",
+)
+def test_grouped_mm_path_matches_fp32_stock_on_gpu():
+    ffn_config = tiny_dbrx_config().ffn_config
+    torch.manual_seed(0)
+    stock = DbrxExperts(ffn_config).cuda()
+    for name in ("w1", "v1", "w2"):
+        torch.nn.init.normal_(getattr(stock.mlp, name), std=0.05)
+    ours = DbrxGroupedExperts.from_stock(DbrxExperts(ffn_config).cuda(), ffn_config)
+    ours.load_state_dict(stock.state_dict())
+    ours.to(torch.bfloat16)
+    weights, index = _routing(256, ffn_config)
+    weights, index = weights.cuda(), index.cuda()
+    x = torch.randn(1, 256, ffn_config.hidden_size, device="cuda")
+    ref = stock(x, index, weights)
+    x_bf16 = x.bfloat16().requires_grad_()
+    out = ours(x_bf16, index, weights.bfloat16())
+    out.float().sum().backward()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    assert ours.w1.grad is not None and torch.isfinite(ours.w1.grad).all()
