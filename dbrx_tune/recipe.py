@@ -56,10 +56,21 @@ class ModelArguments(ModelConfig):
         default=None,
         metadata={"help": "Router load-balancing loss weight; default: the config's ffn_config.moe_loss_weight."},
     )
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "LoRA dropout; must be 0 with expert LoRA (PEFT's parameter LoRA has no dropout)."},
+    )
+    lora_target_attention: bool = field(
+        default=True, metadata={"help": "With use_peft: LoRA on the attention projections Wqkv and out_proj."}
+    )
     lora_target_experts: bool = field(
         default=True, metadata={"help": "With use_peft: also put one LoRA per expert on w1/v1/w2."}
     )
     train_router: bool = field(default=False, metadata={"help": "With use_peft: train the MoE router weights too."})
+    experts_per_group: int | None = field(
+        default=None,
+        metadata={"help": "With load_in_4bit: dequantize this many experts at a time (less memory, more launches)."},
+    )
 
 
 @dataclass

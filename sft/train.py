@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from dbrx_tune.modeling.loading import load_causal_lm  # noqa: E402
+from dbrx_tune.modeling.loading import load_causal_lm, prepare_for_training  # noqa: E402
 from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = recipe.training
     tokenizer = load_stage_tokenizer(recipe)
     splits = load_stage_datasets(recipe, "sft", tokenizer, max_length=args.max_length)
-    model = load_causal_lm(recipe.model, tokenizer)
+    model = prepare_for_training(load_causal_lm(recipe.model, tokenizer), recipe.model)
     trainer = SFTTrainer(
         model=model,
         args=args,

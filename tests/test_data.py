@@ -68,7 +68,7 @@ def n_tokens(tokenizer: PreTrainedTokenizerFast, text: str) -> int:
 @pytest.fixture(scope="module")
 def word_tokenizer() -> PreTrainedTokenizerFast:
     """A whitespace word-level tokenizer with a ChatML template: one token per word, so lengths are easy to reason about."""
-    words = {w for i in range(64) for w in (f"w{i}",)} | {"system", "user", "assistant", "hello", "answer"}
+    words = {f"w{i}" for i in range(64)} | {"system", "user", "assistant", "hello", "answer"}
     vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3}
     vocab.update({w: i + len(vocab) for i, w in enumerate(sorted(words))})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))

@@ -62,6 +62,53 @@ def finish_model(model: PreTrainedModel, model_args: ModelArguments) -> PreTrain
     return model
 
 
+def prepare_for_training(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
+    """QLoRA / LoRA on attention and every expert, as the recipe asks; full fine-tuning leaves `model` as is.
+
+    Stock bitsandbytes loading quantizes only `nn.Linear` (attention); the fused experts, ~96% of DBRX, are
+    quantized here to NF4 per expert. LoRA targets are chosen by the DBRX keys, not by module-name lists.
+    """
+    if model_args.lora_target_modules or model_args.lora_target_parameters:
+        raise ValueError(
+            "DBRX recipes choose LoRA targets with lora_target_attention / lora_target_experts / train_router; "
+            "remove lora_target_modules and lora_target_parameters"
+        )
+    if model_args.load_in_4bit:
+        if not model_args.use_peft:
+            raise ValueError("load_in_4bit freezes the base weights: set use_peft: true (QLoRA)")
+        from dbrx_tune.modeling.quantized_experts import quantize_experts_4bit
+
+        quantize_experts_4bit(model, experts_per_group=model_args.experts_per_group)
+    if model_args.use_peft:
+        from dbrx_tune.modeling.lora import apply_expert_lora
+
+        model = apply_expert_lora(
+            model,
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_attention=model_args.lora_target_attention,
+            target_experts=model_args.lora_target_experts,
+            train_router=model_args.train_router,
+        )
+    return model
+
+
+def quantization_config(model_args: ModelArguments):
+    """bitsandbytes NF4 for the `nn.Linear` layers (attention) when the recipe asks for QLoRA."""
+    if not model_args.load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["lm_head", "router", "score"],
+    )
+
+
 def load_pretrained(model_class: type[PreTrainedModel], model_args: ModelArguments, config: DbrxConfig, **kwargs):
     """`from_pretrained` (safetensors only) or a random-init build, with errors that name the checkpoint."""
     dtype = resolve_dtype(model_args.dtype)
@@ -79,6 +126,7 @@ def load_pretrained(model_class: type[PreTrainedModel], model_args: ModelArgumen
             attn_implementation=model_args.attn_implementation,
             trust_remote_code=model_args.trust_remote_code,
             use_safetensors=True,
+            quantization_config=quantization_config(model_args),
             **kwargs,
         )
     except (OSError, ValueError, RuntimeError) as err:
@@ -89,13 +137,22 @@ def load_pretrained(model_class: type[PreTrainedModel], model_args: ModelArgumen
 
 
 def load_causal_lm(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None) -> DbrxForCausalLM:
-    """A DBRX causal LM with the corrected config, ready for a TRL trainer."""
+    """A DBRX causal LM with the corrected config and experts implementation, before LoRA/QLoRA."""
     config = load_model_config(model_args)
     if tokenizer is not None:
         align_special_tokens(config, tokenizer)
     model = load_pretrained(DbrxForCausalLM, model_args, config)
     if tokenizer is not None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.bos_token_id = tokenizer.bos_token_id
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        set_generation_tokens(model, tokenizer)
     return finish_model(model, model_args)
+
+
+def set_generation_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Generation stops at end-of-text and, for chat, at the end of the assistant's turn (`<|im_end|>`)."""
+    stops = [tokenizer.eos_token_id]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id and im_end not in stops:
+        stops.append(im_end)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = stops

@@ -1,0 +1,265 @@
+"""QLoRA memory of the full DBRX-132B shape on one GPU: 4-bit NF4 experts, LoRA, one training step.
+
+The bf16 model (about 264 GB) never exists whole. It is built on the meta device, then each of the 40 blocks in
+turn is materialised on the GPU with random bf16 weights, its experts are quantized to NF4 (`DbrxNF4Experts`:
+per-expert blocks of 64, double-quantized scales) and the bf16 experts freed, so building costs one block's bf16
+experts (6.3 GB) above the 4-bit model. Attention (`Wqkv`, `out_proj`) is bitsandbytes `Linear4bit` NF4 (double
+quant, bf16 compute) by default, or bf16 with `--attention bf16`; embeddings, LM head, norms and routers stay bf16.
+Then `apply_expert_lora` (attention and one LoRA per expert on w1/v1/w2, router frozen), non-reentrant gradient
+checkpointing, and ONE step: forward with labels (router aux loss on), backward, torch AdamW step.
+
+Memory is reported in GB (1e9 bytes) and GiB from `torch.cuda.memory_allocated`/`max_memory_allocated`:
+    weights_gb       resident model after building and LoRA wrapping (split by kind in `weights_breakdown_gb`)
+    activations_gb   peak during forward+backward minus what was resident before it: checkpointed block inputs,
+                     one block's recomputed activations, the dequantized bf16 expert weights of one projection,
+                     logits and their gradient, LoRA gradients
+    optimizer_gb     AdamW state after the step
+    peak_gb          peak over the whole step
+
+    python bench/qlora_132b.py [--seq-len 4096] [--layers 40] [--attention nf4|bf16] [--lora-r 16]
+    python bench/qlora_132b.py --smoke --output /tmp/qlora.json     # tiny model on the CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import DbrxConfig, DbrxForCausalLM  # noqa: E402
+from transformers.models.dbrx.modeling_dbrx import DbrxRotaryEmbedding  # noqa: E402
+
+from dbrx_tune.modeling.config import DBRX_ROPE_THETA, tiny_dbrx_config  # noqa: E402
+from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
+from dbrx_tune.modeling.moe_loss import sync_moe_config  # noqa: E402
+from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts  # noqa: E402
+
+logger = logging.getLogger("bench.qlora_132b")
+
+GB = 1e9
+GIB = 2**30
+
+
+def dbrx_132b_config(n_layers: int, seq_len: int) -> DbrxConfig:
+    """databricks/dbrx-base's shape (40 layers by default)."""
+    config = tiny_dbrx_config(
+        d_model=6144,
+        n_heads=48,
+        n_layers=n_layers,
+        max_seq_len=max(seq_len, 32768),
+        attn_config={"clip_qkv": 8.0, "kv_n_heads": 8, "rope_theta": DBRX_ROPE_THETA},
+        ffn_config={
+            "ffn_hidden_size": 10752,
+            "moe_num_experts": 16,
+            "moe_top_k": 4,
+            "moe_jitter_eps": 0.0,
+            "moe_loss_weight": 0.05,
+            "moe_normalize_expert_weights": 1.0,
+        },
+    )
+    return sync_moe_config(config)
+
+
+@torch.no_grad()
+def _random_init_(module: nn.Module, std: float) -> None:
+    """Weights of a freshly `to_empty`'d module: LayerNorm weights 1, every other parameter N(0, std)."""
+    for child in module.modules():
+        for name, param in child.named_parameters(recurse=False):
+            if isinstance(child, nn.LayerNorm) and name == "weight":
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std)
+
+
+def _linear_4bit(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
+    """bitsandbytes NF4 (double quant) copy of a materialised `nn.Linear`, quantized on its device."""
+    import bitsandbytes as bnb
+
+    quantized = bnb.nn.Linear4bit(
+        linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
+        compress_statistics=True, quant_type="nf4", device="meta",
+    )
+    quantized.weight = bnb.nn.Params4bit(
+        linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=quantized
+    ).to(linear.weight.device)
+    return quantized
+
+
+def build_qlora_base(config: DbrxConfig, device: torch.device, dtype: torch.dtype, attention: str,
+                     experts_per_group: int | None) -> DbrxForCausalLM:
+    """Random-init DBRX with NF4 experts, materialised and quantized one block at a time on `device`."""
+    with torch.device("meta"):
+        model = DbrxForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    std = config.initializer_range
+    transformer = model.transformer
+    for module in (transformer.wte, transformer.norm_f, model.lm_head):
+        module.to_empty(device=device)
+        _random_init_(module, std)
+    with torch.device(device):
+        transformer.rotary_emb = DbrxRotaryEmbedding(config)
+    for index, block in enumerate(transformer.blocks):
+        block.to_empty(device=device)  # bf16 experts of this block only: 6.3 GB at DBRX size
+        _random_init_(block, std)
+        block.ffn.experts = DbrxNF4Experts.from_experts(block.ffn.experts, config.ffn_config,
+                                                        experts_per_group=experts_per_group)
+        if attention == "nf4":
+            attn = block.norm_attn_norm.attn
+            attn.Wqkv = _linear_4bit(attn.Wqkv, dtype)
+            attn.out_proj = _linear_4bit(attn.out_proj, dtype)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("block %d/%d quantized", index + 1, len(transformer.blocks))
+    leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left on the meta device after building: {leftover[:5]}")
+    return model
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def weights_breakdown(model: nn.Module) -> dict[str, float]:
+    """Resident bytes by kind (GB): 4-bit experts, attention, LoRA, and the rest (embeddings, head, norms, routers)."""
+    kinds = {"experts_nf4": 0, "attention": 0, "lora": 0, "embeddings_head_norms_routers": 0}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if "lora_" in name:
+            kind = "lora"
+        elif ".ffn.experts." in name:
+            kind = "experts_nf4"
+        elif ".attn." in name:
+            kind = "attention"
+        else:
+            kind = "embeddings_head_norms_routers"
+        kinds[kind] += tensor.numel() * tensor.element_size()
+    # bitsandbytes keeps Linear4bit's scales on the weight's quant_state, not as parameters or buffers
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            kinds["attention"] += _bytes([state.absmax, state.code])
+            if state.nested:
+                kinds["attention"] += _bytes([state.state2.absmax, state.state2.code])
+    return {kind: round(size / GB, 3) for kind, size in kinds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--attention", choices=("nf4", "bf16"), default="nf4")
+    parser.add_argument("--experts-per-group", type=int, default=None,
+                        help="experts dequantized at once in the forward (default: all 16)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU: checks the script runs")
+    parser.add_argument("--output", default=None, help="JSON path (default bench/results/qlora_132b.json; "
+                                                        "none with --smoke)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.bfloat16
+        config = sync_moe_config(tiny_dbrx_config(n_layers=args.layers if args.layers < 40 else 2, vocab_size=1024,
+                                                  pad_token_id=1000, bos_token_id=1001, eos_token_id=1001))
+        args.seq_len, args.lora_r = min(args.seq_len, 32), 8
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench/qlora_132b.py needs a CUDA GPU (or --smoke for the CPU check)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        config = dbrx_132b_config(args.layers, args.seq_len)
+    output = args.output or (None if args.smoke else "bench/results/qlora_132b.json")
+    on_cuda = device.type == "cuda"
+
+    def allocated() -> int:
+        return torch.cuda.memory_allocated(device) if on_cuda else 0
+
+    def peak() -> int:
+        return torch.cuda.max_memory_allocated(device) if on_cuda else 0
+
+    torch.manual_seed(args.seed)
+    began = time.perf_counter()
+    model = build_qlora_base(config, device, dtype, args.attention, args.experts_per_group)
+    build_peak = peak()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_expert_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=on_cuda)
+    build_s = time.perf_counter() - began
+    weights = allocated()
+    breakdown = weights_breakdown(model)
+
+    input_ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(1))
+    input_ids = input_ids.to(device)
+    if on_cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    began = time.perf_counter()
+    loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
+    loss.backward()
+    peak_forward_backward = peak()
+    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in trainable if p.grad is not None)
+    before_optimizer = allocated()
+    optimizer.step()
+    optimizer_bytes = allocated() - before_optimizer
+    optimizer.zero_grad(set_to_none=True)
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    step_s = time.perf_counter() - began
+    step_peak = peak()
+
+    def gb(value: int) -> float:
+        return round(value / GB, 2)
+
+    command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    result = {
+        "peak_gb": gb(step_peak),
+        "peak_gib": round(step_peak / GIB, 2),
+        "weights_gb": gb(weights),
+        "activations_gb": gb(peak_forward_backward - weights),
+        "optimizer_gb": gb(optimizer_bytes),
+        "build_peak_gb": gb(build_peak),
+        "weights_breakdown_gb": breakdown,
+        "seq_len": args.seq_len,
+        "batch": 1,
+        "n_layers": config.n_layers,
+        "attention": "bitsandbytes Linear4bit NF4 (double quant)" if args.attention == "nf4" else "bf16",
+        "experts": "DbrxNF4Experts NF4 (block 64, double quant)",
+        "experts_per_group": args.experts_per_group or config.ffn_config.moe_num_experts,
+        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": "Wqkv, out_proj, per-expert w1/v1/w2",
+                 "trainable_params": sum(p.numel() for p in trainable), "dtype": str(trainable[0].dtype)},
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "loss": round(loss.item(), 4),
+        "grads_finite": grads_finite,
+        "step_s": round(step_s, 2),
+        "build_s": round(build_s, 1),
+        "fits_h200_141gb": step_peak < 141 * GB,
+        "fits_h100_80gb": step_peak < 80 * GB,
+        "gpu": torch.cuda.get_device_name(device) if on_cuda else "cpu",
+        "torch": torch.__version__,
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+    }
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as handle:
+            json.dump(result, handle, indent=2)
+    print(f"layers {config.n_layers}, seq {args.seq_len}, attention {args.attention}, LoRA r {args.lora_r}: "
+          f"loss {result['loss']}, grads finite {grads_finite}, step {result['step_s']} s")
+    print(f"{'weights':12} {result['weights_gb']:8} GB  {breakdown}")
+    print(f"{'activations':12} {result['activations_gb']:8} GB")
+    print(f"{'optimizer':12} {result['optimizer_gb']:8} GB")
+    print(f"{'peak':12} {result['peak_gb']:8} GB ({result['peak_gib']} GiB); build peak {result['build_peak_gb']} GB")
+
+
+if __name__ == "__main__":
+    main()

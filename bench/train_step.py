@@ -1,0 +1,233 @@
+"""Training step of a DBRX-width model: transformers' stock experts loop vs `DbrxGroupedExperts`, full and LoRA.
+
+Model: DBRX's full width (d_model 6144, 48 heads / 8 KV heads, 16 experts top-4, expert ffn 10752, vocab 100352,
+clip_qkv 8, RoPE 500000) with only a few layers (default 2), random init, bf16 weights, SDPA attention.
+
+What one timed step is: the work of one SFTTrainer optimisation step without the data loader, i.e. the path of
+`Trainer.compute_loss` (model forward with labels and `output_router_logits=True`, so the DBRX router
+load-balancing loss is added as TRL does after `sync_moe_config`), `loss.backward()` with gradient checkpointing
+(non-reentrant, as the recipes enable it), a fused torch AdamW step (the HF Trainer's default optimiser) and
+`zero_grad(set_to_none=True)`. Steps are timed with CUDA events after warm-up; tokens/s = batch * seq_len / median
+step time. Peak memory is `torch.cuda.max_memory_allocated` over the warm-up and timed steps (weights, gradients,
+optimiser state and activations).
+
+Modes (same seed, so stock and ours start from the same weights and the same routing):
+    stock_full   transformers `DbrxExperts` (Python loop over experts), all parameters trained
+    ours_full    `set_experts_implementation(model, "grouped")`, all parameters trained
+    stock_lora   PEFT LoRA on attention (Wqkv, out_proj) only: stock transformers + PEFT cannot put a LoRA per
+                 expert on DBRX's fused 2D experts, so the stock baseline trains less than ours
+    ours_lora    `apply_expert_lora`: LoRA on attention and one LoRA per expert on w1/v1/w2 (grouped GEMMs)
+    ours_lora_attention   grouped experts with the stock baseline's LoRA (attention only): same work as stock_lora
+
+    python bench/train_step.py [--layers 2] [--batch 2] [--seq-len 4096] [--output bench/results/train_step.json]
+    python bench/train_step.py --smoke --output /tmp/train_step.json    # tiny model on the CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformers import DbrxConfig, DbrxForCausalLM  # noqa: E402
+
+from dbrx_tune.modeling.config import DBRX_ROPE_THETA, tiny_dbrx_config  # noqa: E402
+from dbrx_tune.modeling.experts import set_experts_implementation  # noqa: E402
+from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
+from dbrx_tune.modeling.moe_loss import sync_moe_config  # noqa: E402
+
+logger = logging.getLogger("bench.train_step")
+
+MODES = ("stock_full", "ours_full", "stock_lora", "ours_lora", "ours_lora_attention")
+
+
+def dbrx_width_config(n_layers: int, seq_len: int) -> DbrxConfig:
+    """databricks/dbrx-base's shape with `n_layers` layers."""
+    config = tiny_dbrx_config(
+        d_model=6144,
+        n_heads=48,
+        n_layers=n_layers,
+        max_seq_len=max(seq_len, 4096),
+        attn_config={"clip_qkv": 8.0, "kv_n_heads": 8, "rope_theta": DBRX_ROPE_THETA},
+        ffn_config={
+            "ffn_hidden_size": 10752,
+            "moe_num_experts": 16,
+            "moe_top_k": 4,
+            "moe_jitter_eps": 0.0,
+            "moe_loss_weight": 0.05,
+            "moe_normalize_expert_weights": 1.0,
+        },
+    )
+    return sync_moe_config(config)
+
+
+def build_model(config: DbrxConfig, mode: str, device: torch.device, dtype: torch.dtype, lora_r: int, seed: int):
+    """Random-init model for `mode`, built directly on `device` in `dtype`; returns (model, trainable params)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DbrxForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode.startswith("ours"):
+        set_experts_implementation(model, "grouped")
+    if mode.endswith("lora") or mode.endswith("lora_attention"):
+        model = apply_expert_lora(model, r=lora_r, alpha=2 * lora_r, target_experts=(mode == "ours_lora"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model, trainable
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """Build, warm up and time one mode; everything it allocated is freed before it returns."""
+    build_start = time.perf_counter()
+    model, trainable = build_model(config, mode, device, dtype, args.lora_r, args.seed)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = [
+        torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=generator).to(device)
+        for _ in range(args.warmup + args.steps)
+    ]
+    synchronize(device)
+    build_s = time.perf_counter() - build_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step(input_ids: torch.Tensor) -> float:
+        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    losses, times_ms = [], []
+    for index, input_ids in enumerate(batches):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            losses.append(step(input_ids))
+            end.record()
+            torch.cuda.synchronize(device)
+            elapsed = start.elapsed_time(end)
+        else:
+            began = time.perf_counter()
+            losses.append(step(input_ids))
+            elapsed = (time.perf_counter() - began) * 1e3
+        if index >= args.warmup:
+            times_ms.append(elapsed)
+    step_ms = statistics.median(times_ms)
+    result = {
+        "step_ms": round(step_ms, 1),
+        "step_ms_all": [round(t, 1) for t in times_ms],
+        "tokens_per_s": round(args.batch * args.seq_len / (step_ms * 1e-3), 1),
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "losses": [round(float(loss), 4) for loss in losses],
+        "build_s": round(build_s, 1),
+    }
+    if device.type == "cuda":
+        result["peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+        result["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 1e9, 2)
+    del model, trainable, optimizer, batches
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU in fp32: checks the script runs")
+    parser.add_argument("--output", default=None, help="JSON path (default bench/results/train_step.json; "
+                                                        "none with --smoke)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    modes = args.modes.split(",")
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; expected a subset of {MODES}")
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        config = sync_moe_config(tiny_dbrx_config(n_layers=args.layers, vocab_size=1024, pad_token_id=1000,
+                                                      bos_token_id=1001, eos_token_id=1001))
+        args.seq_len, args.batch, args.warmup, args.steps, args.lora_r = min(args.seq_len, 32), 1, 1, 1, 8
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench/train_step.py needs a CUDA GPU (or --smoke for the CPU check)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        config = dbrx_width_config(args.layers, args.seq_len)
+    output = args.output or (None if args.smoke else "bench/results/train_step.json")
+
+    results = {}
+    for mode in modes:
+        results[mode] = run_mode(config, mode, args, device, dtype)
+        logger.warning("%s: %s", mode, results[mode])
+
+    def speedup(stock: str, ours: str) -> float | None:
+        if stock in results and ours in results:
+            return round(results[stock]["step_ms"] / results[ours]["step_ms"], 3)
+        return None
+
+    def pick(mode: str, key: str):
+        return results.get(mode, {}).get(key)
+
+    command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    summary = {
+        "speedup_full": speedup("stock_full", "ours_full"),
+        "speedup_lora": speedup("stock_lora", "ours_lora"),
+        "speedup_lora_same_targets": speedup("stock_lora", "ours_lora_attention"),
+        "tokens_per_s_ours": pick("ours_full", "tokens_per_s"),
+        "tokens_per_s_stock": pick("stock_full", "tokens_per_s"),
+        "peak_gb_ours": pick("ours_full", "peak_gb"),
+        "peak_gb_stock": pick("stock_full", "peak_gb"),
+        "modes": results,
+        "shape": {
+            "layers": config.n_layers, "d_model": config.d_model, "n_heads": config.n_heads,
+            "kv_n_heads": config.attn_config.kv_n_heads, "experts": config.ffn_config.moe_num_experts,
+            "top_k": config.ffn_config.moe_top_k, "ffn": config.ffn_config.ffn_hidden_size,
+            "vocab": config.vocab_size, "batch": args.batch, "seq_len": args.seq_len, "dtype": str(dtype),
+            "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r, "gradient_checkpointing": "non-reentrant",
+            "optimizer": "torch AdamW (fused on CUDA)", "router_aux_loss": config.ffn_config.moe_loss_weight,
+        },
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "command": command,
+        "date": datetime.date.today().isoformat(),
+    }
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as handle:
+            json.dump(summary, handle, indent=2)
+    print(f"{'mode':22} {'step ms':>9} {'tokens/s':>10} {'peak GB':>8} {'trainable':>14}")
+    for mode, row in results.items():
+        peak = row.get("peak_gb")
+        print(f"{mode:22} {row['step_ms']:9.1f} {row['tokens_per_s']:10.1f} "
+              f"{peak if peak is not None else '-':>8} {row['trainable_params']:14,d}")
+    print(f"speedup full {summary['speedup_full']}x, LoRA {summary['speedup_lora']}x "
+          f"(same LoRA targets as stock: {summary['speedup_lora_same_targets']}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The tiny SFT recipe runs through `accelerate launch`, learns, saves a loadable checkpoint, and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
+
+
+def launch_sft(output_dir: str, *overrides: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        os.path.join(REPO_ROOT, "sft", "train.py"), RECIPE, "--output_dir", output_dir,
+        "--per_device_train_batch_size", "8", "--logging_steps", "5", "--save_steps", "15",
+        "--report_to", "none", *overrides,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def train_losses(output_dir: str) -> list[tuple[int, float]]:
+    with open(os.path.join(output_dir, "trainer_state.json")) as handle:
+        history = json.load(handle)["log_history"]
+    return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("sft") / "run")
+    result = launch_sft(output_dir, "--max_steps", "30")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return output_dir
+
+
+def test_tiny_recipe_loss_falls(first_run):
+    losses = train_losses(first_run)
+    assert losses[-1][0] == 30
+    first, last = losses[0][1], losses[-1][1]
+    assert last < 0.6 * first, losses
+
+
+def test_output_is_plain_hf_checkpoint_that_generates(first_run):
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "recipe.yaml",
+                 "train_results.json"):
+        assert os.path.isfile(os.path.join(first_run, name)), name
+    model = AutoModelForCausalLM.from_pretrained(first_run)
+    tokenizer = AutoTokenizer.from_pretrained(first_run)
+    assert model.config.rope_parameters["rope_theta"] == 500000.0
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What colour does a banana have?"}], add_generation_prompt=True, return_tensors="pt",
+        return_dict=True,
+    )
+    with torch.no_grad():
+        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_resumed_run_continues_from_saved_step(first_run):
+    result = launch_sft(first_run, "--max_steps", "35", "--resume_from_checkpoint", "latest")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = [step for step, _ in train_losses(first_run)]
+    assert steps[-1] == 35
+    # transformers reports the restored trainer state; a fresh start would say global step 0
+    assert "Resuming training from checkpoint with epoch 0 and global step 30" in result.stdout + result.stderr
+
+
+def test_rerun_into_used_output_dir_without_resume_is_refused(first_run):
+    result = launch_sft(first_run, "--max_steps", "5")
+    assert result.returncode != 0
+    assert "holds checkpoints of an earlier run" in result.stdout + result.stderr
