@@ -30,6 +30,13 @@ class RecipeError(ValueError):
     """A recipe (or a command-line override) is malformed; the message names the file and key."""
 
 
+class CommandLineValue(str):
+    """An override as typed after the recipe path; read as YAML unless its key wants the text itself.
+
+    `--eval_strategy no` must stay the string "no", which YAML would read as false.
+    """
+
+
 @dataclass
 class ModelArguments(ModelConfig):
     """TRL's `ModelConfig` plus the DBRX-specific keys a recipe may set.
@@ -151,11 +158,7 @@ def parse_overrides(argv: list[str], source: str = "command line") -> dict[str, 
                 i += 1
             else:
                 raw = "true"  # a bare flag
-        key = key.replace("-", "_")
-        try:
-            overrides[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            overrides[key] = raw
+        overrides[key.replace("-", "_")] = CommandLineValue(raw)
         i += 1
     return overrides
 
@@ -169,6 +172,14 @@ def _accepted_types(annotation: Any) -> list[Any]:
 
 def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
     """Return (ok, value converted to the annotation) for the plain types recipes use."""
+    if isinstance(value, CommandLineValue):
+        text = str(value)
+        try:
+            parsed = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            parsed = text
+        ok, converted = _coerce(parsed, annotation)
+        return (ok, converted) if ok else _coerce(text, annotation)
     if value is None:
         return True, value  # None means "the library's default behaviour"; the dataclass validates further
     for kind in _accepted_types(annotation):
@@ -269,8 +280,10 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
                 continue
             ok, converted = _coerce(value, class_fields[key])
             if not ok:
+                hint = " (YAML reads yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
                 raise RecipeError(
-                    f"{path}: key {key!r} expects {_describe(class_fields[key])}, got {type(value).__name__} {value!r}"
+                    f"{path}: key {key!r} expects {_describe(class_fields[key])}, "
+                    f"got {type(value).__name__} {value!r}{hint}"
                 )
             kwargs[cls][key] = converted
 

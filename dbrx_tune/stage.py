@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 import datasets
 import transformers
@@ -95,8 +96,12 @@ def load_stage_datasets(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenize
     return splits
 
 
-def train_and_save(trainer: Trainer, recipe: Recipe, stage: str) -> dict:
-    """Train (resuming when asked), then save a plain HF checkpoint, the resolved recipe and the metrics."""
+def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
+                   save_model: Callable[[Trainer, str], None] | None = None) -> dict:
+    """Train (resuming when asked), then save a plain HF checkpoint, the resolved recipe and the metrics.
+
+    `save_model(trainer, output_dir)` replaces `trainer.save_model` where a stage saves differently.
+    """
     args = trainer.args
     if trainer.is_world_process_zero():
         mark_output_dir(args.output_dir, stage, recipe.path)
@@ -105,7 +110,10 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str) -> dict:
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    trainer.save_model(args.output_dir)
+    if save_model is None:
+        trainer.save_model(args.output_dir)
+    else:
+        save_model(trainer, args.output_dir)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

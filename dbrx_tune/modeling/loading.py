@@ -14,6 +14,7 @@ from transformers import DbrxConfig, DbrxForCausalLM, PreTrainedModel, PreTraine
 from dbrx_tune.distributed import register_zero3_leaf_modules
 from dbrx_tune.modeling.config import load_dbrx_config
 from dbrx_tune.modeling.moe_loss import sync_moe_config
+from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
 from dbrx_tune.recipe import ModelArguments
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def prepare_for_training(model: PreTrainedModel, model_args: ModelArguments) -> 
             target_attention=model_args.lora_target_attention,
             target_experts=model_args.lora_target_experts,
             train_router=model_args.train_router,
+            task_type="CAUSAL_LM" if isinstance(model, DbrxForCausalLM) else "SEQ_CLS",
         )
     return model
 
@@ -144,6 +146,17 @@ def load_causal_lm(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBas
     model = load_pretrained(DbrxForCausalLM, model_args, config)
     if tokenizer is not None:
         set_generation_tokens(model, tokenizer)
+    return finish_model(model, model_args)
+
+
+def load_sequence_classifier(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None,
+                             num_labels: int = 1) -> DbrxForSequenceClassification:
+    """A DBRX reward / value model: a causal-LM checkpoint gets a fresh `score` head, a reward model keeps its own."""
+    config = load_model_config(model_args)
+    config.num_labels = num_labels
+    if tokenizer is not None:
+        align_special_tokens(config, tokenizer)
+    model = load_pretrained(DbrxForSequenceClassification, model_args, config)
     return finish_model(model, model_args)
 
 

@@ -96,8 +96,12 @@ def expert_lora_config(
     target_attention: bool = True,
     target_experts: bool = True,
     train_router: bool = False,
+    task_type: str = "CAUSAL_LM",
 ) -> LoraConfig:
-    """The PEFT config for DBRX LoRA; the router (`ffn.router`) is trained in full when `train_router`."""
+    """The PEFT config for DBRX LoRA; the router (`ffn.router`) is trained in full when `train_router`.
+
+    With `task_type="SEQ_CLS"` (reward and value models) the new `score` head is trained in full too.
+    """
     if not (target_attention or target_experts):
         raise ValueError("lora_target_attention and lora_target_experts are both false: LoRA would train nothing")
     if target_experts and dropout:
@@ -111,9 +115,9 @@ def expert_lora_config(
         lora_dropout=dropout,
         target_modules=list(ATTENTION_TARGETS) if target_attention else [],
         target_parameters=list(EXPERT_TARGETS) if target_experts else None,
-        modules_to_save=[ROUTER_MODULE] if train_router else None,
+        modules_to_save=([ROUTER_MODULE] if train_router else []) + (["score"] if task_type == "SEQ_CLS" else []) or None,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     return _register_grouped_lora(config)
 
@@ -126,6 +130,7 @@ def apply_expert_lora(
     target_attention: bool = True,
     target_experts: bool = True,
     train_router: bool = False,
+    task_type: str = "CAUSAL_LM",
 ) -> PeftModel:
     """Wrap a DBRX model in LoRA; only adapter (and, with `train_router`, router) parameters require grad.
 
@@ -135,7 +140,13 @@ def apply_expert_lora(
     if target_experts:
         _require_3d_experts(model)
     config = expert_lora_config(
-        r, alpha, dropout, target_attention=target_attention, target_experts=target_experts, train_router=train_router
+        r,
+        alpha,
+        dropout,
+        target_attention=target_attention,
+        target_experts=target_experts,
+        train_router=train_router,
+        task_type=task_type,
     )
     peft_model = get_peft_model(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
