@@ -168,6 +168,7 @@ def main() -> None:
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
+        torch.set_num_threads(1)  # tiny matrices: extra threads only spin (seconds per step on a busy machine)
         config = sync_moe_config(tiny_dbrx_config(n_layers=args.layers if args.layers < 40 else 2, vocab_size=1024,
                                                   pad_token_id=1000, bos_token_id=1001, eos_token_id=1001))
         args.seq_len, args.lora_r = min(args.seq_len, 32), 8
@@ -224,6 +225,7 @@ def main() -> None:
     result = {
         "peak_gb": gb(step_peak),
         "peak_gib": round(step_peak / GIB, 2),
+        "peak_reserved_gb": gb(torch.cuda.max_memory_reserved(device)) if on_cuda else 0.0,
         "weights_gb": gb(weights),
         "activations_gb": gb(peak_forward_backward - weights),
         "optimizer_gb": gb(optimizer_bytes),

@@ -1,7 +1,7 @@
 """Training step of a DBRX-width model: transformers' stock experts loop vs `DbrxGroupedExperts`, full and LoRA.
 
 Model: DBRX's full width (d_model 6144, 48 heads / 8 KV heads, 16 experts top-4, expert ffn 10752, vocab 100352,
-clip_qkv 8, RoPE 500000) with only a few layers (default 2), random init, bf16 weights, SDPA attention.
+clip_qkv 8, RoPE 500000) with only a few layers (default 4), random init, bf16 weights, SDPA attention.
 
 What one timed step is: the work of one SFTTrainer optimisation step without the data loader, i.e. the path of
 `Trainer.compute_loss` (model forward with labels and `output_router_logits=True`, so the DBRX router
@@ -19,7 +19,7 @@ Modes (same seed, so stock and ours start from the same weights and the same rou
     ours_lora    `apply_expert_lora`: LoRA on attention and one LoRA per expert on w1/v1/w2 (grouped GEMMs)
     ours_lora_attention   grouped experts with the stock baseline's LoRA (attention only): same work as stock_lora
 
-    python bench/train_step.py [--layers 2] [--batch 2] [--seq-len 4096] [--output bench/results/train_step.json]
+    python bench/train_step.py [--layers 4] [--batch 2] [--seq-len 4096] [--output bench/results/train_step.json]
     python bench/train_step.py --smoke --output /tmp/train_step.json    # tiny model on the CPU, seconds
 """
 
@@ -150,7 +150,7 @@ def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -170,6 +170,7 @@ def main() -> None:
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
+        torch.set_num_threads(1)  # tiny matrices: extra threads only spin (seconds per step on a busy machine)
         config = sync_moe_config(tiny_dbrx_config(n_layers=args.layers, vocab_size=1024, pad_token_id=1000,
                                                       bos_token_id=1001, eos_token_id=1001))
         args.seq_len, args.batch, args.warmup, args.steps, args.lora_r = min(args.seq_len, 32), 1, 1, 1, 8

@@ -44,17 +44,6 @@ class ParallelConfigError(ValueError):
     """A DeepSpeed/accelerate/launch setting that cannot work; the message names the file and key."""
 
 
-def register_zero3_leaf_modules(model: nn.Module) -> list[nn.Module]:
-    """Mark every DBRX MoE block of `model` as a ZeRO-3 leaf module when ZeRO-3 is active; returns them."""
-    if not is_deepspeed_zero3_enabled():
-        return []
-    from deepspeed.utils import set_z3_leaf_modules
-
-    leaves = set_z3_leaf_modules(model, list(MOE_LEAF_MODULE_CLASSES))
-    logger.info("ZeRO-3: registered %d DBRX MoE blocks as leaf modules", len(leaves))
-    return leaves
-
-
 def expert_parallel_size(ds_config: Mapping[str, Any] | None) -> int:
     """The AutoEP size a DeepSpeed config asks for; 1 when expert parallelism is off."""
     block = (ds_config or {}).get("expert_parallel") or {}

@@ -20,7 +20,9 @@ from transformers import PreTrainedTokenizerBase, Trainer
 
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import check_lengths, validate_preference_dataset, validate_prompt_dataset, validate_sft_dataset
-from dbrx_tune.output_dir import check_output_dir, mark_output_dir, resolve_resume_checkpoint
+from dbrx_tune.distributed import ParallelConfigError, check_parallel_config, read_json_config
+from dbrx_tune.modeling.loading import load_model_config
+from dbrx_tune.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
 
@@ -50,10 +52,33 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         raise SystemExit(f"error: {err}") from None
     args = recipe.training
     setup_logging(args.process_index == 0)
-    check_output_dir(
-        args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
-    )
+    try:
+        check_output_dir(
+            args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
+        )
+        if args.deepspeed:
+            check_parallelism(recipe)
+    except (OutputDirError, ParallelConfigError) as err:
+        raise SystemExit(f"error: {recipe.path}: {err}") from None
     return recipe
+
+
+def check_parallelism(recipe: Recipe) -> None:
+    """Refuse DeepSpeed / expert-parallel settings that cannot run on this launch, before any weights load."""
+    ds_config = recipe.training.deepspeed
+    source = ds_config if isinstance(ds_config, str) else "deepspeed"
+    if isinstance(ds_config, str):
+        ds_config = read_json_config(ds_config)
+    model_args = recipe.model
+    check_parallel_config(
+        ds_config,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        num_experts=load_model_config(model_args).ffn_config.moe_num_experts,
+        experts_implementation=model_args.experts_implementation,
+        use_peft=model_args.use_peft,
+        load_in_4bit=model_args.load_in_4bit,
+        source=source,
+    )
 
 
 def load_stage_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:

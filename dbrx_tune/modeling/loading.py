@@ -11,9 +11,10 @@ import logging
 import torch
 from transformers import DbrxConfig, DbrxForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from dbrx_tune.distributed import register_zero3_leaf_modules
+from dbrx_tune.distributed import apply_experts_implementation, prepare_for_deepspeed
 from dbrx_tune.modeling.config import load_dbrx_config
 from dbrx_tune.modeling.moe_loss import sync_moe_config
+from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
 from dbrx_tune.recipe import ModelArguments
 
@@ -54,12 +55,11 @@ def load_model_config(model_args: ModelArguments) -> DbrxConfig:
 
 
 def finish_model(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
-    """Steps every DBRX model goes through after construction, whatever its head."""
-    if model_args.experts_implementation != "eager":
-        from dbrx_tune.modeling.experts import set_experts_implementation
-
-        set_experts_implementation(model, model_args.experts_implementation)
-    register_zero3_leaf_modules(model)
+    """Steps every DBRX model goes through after construction, whatever its head: out-of-place router jitter,
+    the experts implementation (also on ZeRO-3 partitioned weights), then ZeRO-3 leaf modules or AutoEP."""
+    use_out_of_place_jitter(model)
+    apply_experts_implementation(model, model_args.experts_implementation)
+    prepare_for_deepspeed(model)
     return model
 
 
@@ -147,6 +147,14 @@ def load_causal_lm(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBas
     if tokenizer is not None:
         set_generation_tokens(model, tokenizer)
     return finish_model(model, model_args)
+
+
+def load_reference_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None) -> DbrxForCausalLM:
+    """A frozen copy of the starting policy (DPO, PPO). Its router loss is never computed nor trained."""
+    model = load_causal_lm(model_args, tokenizer)
+    model.config.output_router_logits = False
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def load_sequence_classifier(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None,

@@ -4,6 +4,7 @@ DBRX's own forward adds `ffn_config.moe_loss_weight * aux_loss` when asked for r
 trainers drive MoE models through their generic path instead: they read the coefficient from
 `config.router_aux_loss_coef` (absent on DbrxConfig, so the loss is silently off) and their fused LM-head forward
 reads `config.num_experts` / `config.num_experts_per_tok` (absent too, so a non-zero coefficient crashes).
+TRL's experimental ORPO trainer instead switches the loss on from `config.output_router_logits`.
 `sync_moe_config` gives the config those generic names, derived from `ffn_config`, so TRL weights the DBRX loss
 by DBRX's own coefficient. They are recomputed on every load, so they never drift from `ffn_config`.
 """
@@ -23,4 +24,11 @@ def sync_moe_config(config: DbrxConfig, moe_loss_weight: float | None = None) ->
     config.num_experts = ffn.moe_num_experts
     config.num_experts_per_tok = ffn.moe_top_k
     config.router_aux_loss_coef = ffn.moe_loss_weight
+    return config
+
+
+def request_router_logits(config: DbrxConfig) -> DbrxConfig:
+    """Have the model return router logits whenever the DBRX loss weight is non-zero (for trainers, such as
+    TRL's ORPO, that enable the aux loss from `config.output_router_logits`; TRL's SFT/DPO set it themselves)."""
+    config.output_router_logits = config.ffn_config.moe_loss_weight > 0
     return config

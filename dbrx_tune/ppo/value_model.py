@@ -80,7 +80,9 @@ def load_value_model(model_args: ModelArguments, path: str) -> DbrxForTokenValue
     With `use_peft` the value backbone gets the same LoRA as the policy and the head is trained in full; call
     the model through `value_backbone` (the PEFT wrapper's forward is that of a causal LM).
     """
-    value_args = dataclasses.replace(model_args, model_name_or_path=path)
+    # Random weights only for the policy's own (random-init) checkpoint; a reward model is always loaded.
+    value_args = dataclasses.replace(model_args, model_name_or_path=path,
+                                     random_init=model_args.random_init and path == model_args.model_name_or_path)
     config = load_model_config(value_args)
     if value_args.random_init:
         model = load_pretrained(DbrxForTokenValue, value_args, config)

@@ -1,0 +1,74 @@
+"""Building the PPO stage's models from a recipe, and saving its results like the other stages.
+
+Order matters for bad input and memory: the reward checkpoint is checked from its config before any weights
+are loaded, and with LoRA the reference is the policy itself (adapters disabled), so no copy is loaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import yaml
+from transformers import PreTrainedTokenizerBase
+
+from dbrx_tune.modeling.loading import load_causal_lm, prepare_for_training
+from dbrx_tune.output_dir import mark_output_dir, resolve_resume_checkpoint
+from dbrx_tune.ppo.rewards import check_reward_checkpoint, load_reward_model, load_reward_tokenizer, parse_reward_function
+from dbrx_tune.ppo.trainer import PPOTrainer
+from dbrx_tune.ppo.value_model import load_value_model
+from dbrx_tune.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+
+def build_ppo_models(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """Policy, reference, value model and reward for `PPOTrainer(**models, ...)`."""
+    args, model_args = recipe.training, recipe.model
+    reward_function = parse_reward_function(args.reward_function) if args.reward_function else None
+    if args.reward_model_path:
+        check_reward_checkpoint(args.reward_model_path)
+
+    policy = load_causal_lm(model_args, tokenizer)
+    ref_model = None
+    if not model_args.use_peft:
+        if args.ref_model_path is None and model_args.random_init:
+            ref_model = copy.deepcopy(policy)  # the same random weights the policy starts from
+        else:
+            ref_args = dataclasses.replace(model_args, model_name_or_path=args.ref_model_path or model_args.model_name_or_path)
+            ref_model = load_causal_lm(ref_args, tokenizer)
+    elif args.ref_model_path is not None:
+        raise ValueError("ref_model_path: with use_peft the reference is the policy with its adapters disabled; "
+                         "drop ref_model_path (or use_peft)")
+    policy = prepare_for_training(policy, model_args)
+
+    value_path = args.value_model_path or args.reward_model_path or model_args.model_name_or_path
+    value_model = load_value_model(model_args, value_path)
+    reward_model = reward_tokenizer = None
+    if args.reward_model_path:
+        reward_model = load_reward_model(args.reward_model_path, model_args)
+        reward_tokenizer = load_reward_tokenizer(args.reward_model_path)
+    return {"model": policy, "ref_model": ref_model, "value_model": value_model, "reward_model": reward_model,
+            "reward_tokenizer": reward_tokenizer, "reward_function": reward_function}
+
+
+def train_and_save_ppo(trainer: PPOTrainer, recipe: Recipe) -> dict[str, float]:
+    """Train (resuming when asked), then save the policy, value model, tokenizer, recipe and metrics."""
+    args = trainer.args
+    main = trainer.accelerator.is_main_process
+    if main:
+        mark_output_dir(args.output_dir, "ppo", recipe.path)
+    metrics = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint))
+    trainer.save_model(args.output_dir)
+    if main:
+        trainer.processing_class.save_pretrained(args.output_dir)
+        with open(os.path.join(args.output_dir, "recipe.yaml"), "w", encoding="utf-8") as handle:
+            yaml.safe_dump(json.loads(json.dumps(recipe.values, default=str)), handle, sort_keys=False)
+        with open(os.path.join(args.output_dir, "train_results.json"), "w", encoding="utf-8") as handle:
+            json.dump(metrics, handle, indent=2)
+        logger.info("saved PPO policy, value model, tokenizer, recipe and metrics to %s", args.output_dir)
+    return metrics

@@ -1,0 +1,54 @@
+"""The GPU benchmarks' `--smoke` modes run end to end on the CPU, so the scripts do not rot between GPU runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_smoke(script: str, output: str, *extra: str) -> dict:
+    completed = subprocess.run(
+        [sys.executable, os.path.join("bench", script), "--smoke", "--layers", "1", "--output", output, *extra],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 0, f"bench/{script} --smoke failed:\n{completed.stderr[-4000:]}"
+    with open(output) as handle:
+        return json.load(handle)
+
+
+def test_train_step_smoke_times_every_mode_from_the_same_weights(tmp_path):
+    result = _run_smoke("train_step.py", str(tmp_path / "train_step.json"))
+
+    for key in ("speedup_full", "speedup_lora", "tokens_per_s_ours", "tokens_per_s_stock", "gpu", "torch",
+                "command", "date"):
+        assert result[key] is not None, key
+    modes = result["modes"]
+    assert set(modes) == {"stock_full", "ours_full", "stock_lora", "ours_lora", "ours_lora_attention"}
+    # Same seed and batches: every mode starts from the same model, so the first loss agrees across them.
+    first_losses = [row["losses"][0] for row in modes.values()]
+    assert all(math.isfinite(loss) for loss in first_losses)
+    assert max(first_losses) - min(first_losses) < 1e-3
+    # Full fine-tuning trains everything; per-expert LoRA trains more than attention-only LoRA, far less than all.
+    assert modes["ours_full"]["trainable_params"] == modes["ours_full"]["total_params"]
+    assert modes["stock_lora"]["trainable_params"] == modes["ours_lora_attention"]["trainable_params"]
+    assert modes["stock_lora"]["trainable_params"] < modes["ours_lora"]["trainable_params"] < modes["ours_full"][
+        "trainable_params"]
+    assert result["speedup_full"] == round(modes["stock_full"]["step_ms"] / modes["ours_full"]["step_ms"], 3)
+
+
+def test_qlora_smoke_takes_one_finite_step_on_4bit_experts_and_4bit_attention(tmp_path):
+    result = _run_smoke("qlora_132b.py", str(tmp_path / "qlora.json"))
+
+    assert result["n_layers"] == 1 and result["seq_len"] == 32
+    assert result["grads_finite"] is True
+    assert math.isfinite(result["loss"])
+    assert "NF4" in result["attention"]
+    assert set(result["weights_breakdown_gb"]) == {"experts_nf4", "attention", "lora", "embeddings_head_norms_routers"}
+    for key in ("peak_gb", "weights_gb", "gpu", "torch", "command", "date"):
+        assert key in result
