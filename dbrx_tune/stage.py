@@ -146,12 +146,13 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
         processing_class = trainer.processing_class
         if processing_class is not None:
             processing_class.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "recipe.yaml"), "w", encoding="utf-8") as handle:
-            yaml.safe_dump(_plain(recipe.values), handle, sort_keys=False)
+        save_recipe(recipe, args.output_dir)
         logger.info("saved %s model, tokenizer, recipe and metrics to %s", stage, args.output_dir)
     return metrics
 
 
-def _plain(values: dict) -> dict:
-    """YAML-safe copy of the recipe values (enums and paths as strings)."""
-    return json.loads(json.dumps(values, default=str))
+def save_recipe(recipe: Recipe, output_dir: str) -> None:
+    """Write the effective recipe (file values plus overrides) as `recipe.yaml`, re-runnable as is."""
+    values = json.loads(json.dumps(recipe.values, default=str))  # enums and paths as plain strings
+    with open(os.path.join(output_dir, "recipe.yaml"), "w", encoding="utf-8") as handle:
+        yaml.safe_dump(values, handle, sort_keys=False)

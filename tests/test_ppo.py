@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from safetensors.torch import load_file
 from transformers import DbrxForCausalLM
 
 from dbrx_tune.modeling.config import tiny_dbrx_config
@@ -254,3 +255,26 @@ def test_ppo_raises_the_reward_of_sampled_completions_with_bounded_kl(tmp_path, 
     # Collapsing onto one of the four words the reference spreads over costs about log 4 nats per completion.
     assert max(kls[-3:]) < 3.0, kls
     assert all(h["val/num_eos_tokens"] > 0 for h in history)
+
+
+def test_training_resumes_from_a_checkpoint_at_the_saved_update(tmp_path, dbrx_tokenizer):
+    def make_trainer():
+        policy = tiny_policy(dbrx_tokenizer)
+        return PPOTrainer(args=ppo_args(tmp_path, total_episodes=16 * 2, num_ppo_epochs=1, save_strategy="steps",
+                                        save_steps=1), processing_class=dbrx_tokenizer, model=policy,
+                          ref_model=copy.deepcopy(policy), value_model=zero_value_model(),
+                          train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 32}),
+                          reward_function=parse_reward_function("rule:contains:blue"))
+
+    first = make_trainer()
+    first.train()
+    checkpoint = tmp_path / "ppo" / "checkpoint-1"
+    assert (checkpoint / "trainer_state.json").is_file() and (tmp_path / "ppo" / "checkpoint-2").is_dir()
+    resumed = make_trainer()
+    resumed._load_checkpoint(str(checkpoint))
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    current = resumed._unwrapped().state_dict()
+    assert saved and all(torch.equal(current[k], v) for k, v in saved.items())
+    resumed.train()
+    steps = [h["step"] for h in resumed.state["log_history"]]
+    assert steps == [1, 2]  # update 1 restored from the checkpoint's history, only update 2 trained again

@@ -16,27 +16,26 @@ COMMON = ["--report_to", "none", "--save_strategy", "no", "--eval_strategy", "st
 
 
 def held_out_margins(output_dir: str, chosen_key: str, rejected_key: str) -> list[float]:
-    """Mean (chosen - rejected) log-prob on the held-out pairs at each evaluation, in order."""
+    """Mean (chosen - rejected) log-prob of the policy on the held-out pairs at each evaluation, in order."""
     with open(os.path.join(output_dir, "trainer_state.json")) as handle:
         history = json.load(handle)["log_history"]
     return [entry[chosen_key] - entry[rejected_key] for entry in history if chosen_key in entry]
 
 
 @pytest.mark.parametrize(
-    ("name", "train", "chosen_key", "rejected_key"),
+    ("name", "train", "min_rise"),
     [
-        ("dpo", train_dpo, "eval_logps/chosen", "eval_logps/rejected"),
-        ("orpo", train_orpo, "eval_logps/chosen", "eval_logps/rejected"),
+        ("dpo", train_dpo, 5.0),  # DPO logs summed log-probs over the ~10 completion tokens
+        ("orpo", train_orpo, 0.3),  # ORPO logs per-token mean log-probs
     ],
 )
-def test_preference_margin_rises_on_held_out_pairs(name, train, chosen_key, rejected_key, tmp_path):
+def test_preference_margin_rises_on_held_out_pairs(name, train, min_rise, tmp_path):
     output_dir = str(tmp_path / name)
     recipe = os.path.join(REPO_ROOT, "recipes", "tiny", f"dbrx_{name}.yaml")
     metrics = train([recipe, "--output_dir", output_dir, *COMMON])
-    margins = held_out_margins(output_dir, chosen_key, rejected_key)
+    margins = held_out_margins(output_dir, "eval_logps/chosen", "eval_logps/rejected")
     assert len(margins) >= 2, margins
-    # per-sequence log-probs are sums over ~10 tokens: a clear rise is several nats
-    assert margins[-1] > margins[0] + 5.0, margins
+    assert margins[-1] > margins[0] + min_rise, margins
     assert metrics["train_loss"] > 0
 
 

@@ -2,6 +2,9 @@
 
 One place decides, for every stage: the corrected config (RoPE base, MoE names for TRL), safetensors-only
 loading, dtype, the experts implementation, and ZeRO-3 leaf modules. Stage scripts call `load_causal_lm`.
+
+Dense models (Llama 2, for the comparison in notebooks/dbrx_vs_llama2.ipynb) go through the same stages with
+the stock transformers classes and PEFT's ordinary LoRA: none of the DBRX corrections apply to them.
 """
 
 from __future__ import annotations
@@ -9,7 +12,17 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import DbrxConfig, DbrxForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DbrxConfig,
+    DbrxForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dbrx_tune.distributed import apply_experts_implementation, prepare_for_deepspeed
 from dbrx_tune.modeling.config import load_dbrx_config
@@ -32,7 +45,7 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
     return _DTYPES[name]
 
 
-def align_special_tokens(config: DbrxConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+def align_special_tokens(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Make the model config's special ids those of the tokenizer that will be saved beside it."""
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id
@@ -44,19 +57,33 @@ def align_special_tokens(config: DbrxConfig, tokenizer: PreTrainedTokenizerBase)
         )
 
 
-def load_model_config(model_args: ModelArguments) -> DbrxConfig:
-    """The corrected DBRX config for `model_args.model_name_or_path`."""
+def is_dbrx(model_or_config: PreTrainedModel | PretrainedConfig) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return isinstance(config, DbrxConfig)
+
+
+def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
+    """The config for `model_args.model_name_or_path`: corrected for DBRX, as published for dense models."""
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a hub id or a local DBRX directory)")
-    config = load_dbrx_config(
-        model_args.model_name_or_path, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code
-    )
+    path = model_args.model_name_or_path
+    kwargs = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
+    try:
+        config = load_dbrx_config(path, **kwargs)
+    except ValueError as not_dbrx:
+        if "expected 'dbrx'" not in str(not_dbrx):
+            raise
+        if model_args.moe_loss_weight:
+            raise ValueError(f"{path}: moe_loss_weight is set but the model is not a DBRX MoE model") from None
+        return AutoConfig.from_pretrained(path, **kwargs)
     return sync_moe_config(config, model_args.moe_loss_weight)
 
 
 def finish_model(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
     """Steps every DBRX model goes through after construction, whatever its head: out-of-place router jitter,
     the experts implementation (also on ZeRO-3 partitioned weights), then ZeRO-3 leaf modules or AutoEP."""
+    if not is_dbrx(model):
+        return model
     use_out_of_place_jitter(model)
     apply_experts_implementation(model, model_args.experts_implementation)
     prepare_for_deepspeed(model)
@@ -68,7 +95,20 @@ def prepare_for_training(model: PreTrainedModel, model_args: ModelArguments) -> 
 
     Stock bitsandbytes loading quantizes only `nn.Linear` (attention); the fused experts, ~96% of DBRX, are
     quantized here to NF4 per expert. LoRA targets are chosen by the DBRX keys, not by module-name lists.
+    Dense models get PEFT's ordinary LoRA on `lora_target_modules` (default: every linear layer).
     """
+    task_type = "SEQ_CLS" if "ForSequenceClassification" in type(model).__name__ else "CAUSAL_LM"
+    if not is_dbrx(model):
+        if not model_args.use_peft:
+            return model
+        config = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules or "all-linear",
+            task_type=task_type,
+        )
+        return get_peft_model(model, config)
     if model_args.lora_target_modules or model_args.lora_target_parameters:
         raise ValueError(
             "DBRX recipes choose LoRA targets with lora_target_attention / lora_target_experts / train_router; "
@@ -91,7 +131,7 @@ def prepare_for_training(model: PreTrainedModel, model_args: ModelArguments) -> 
             target_attention=model_args.lora_target_attention,
             target_experts=model_args.lora_target_experts,
             train_router=model_args.train_router,
-            task_type="CAUSAL_LM" if isinstance(model, DbrxForCausalLM) else "SEQ_CLS",
+            task_type=task_type,
         )
     return model
 
@@ -111,7 +151,7 @@ def quantization_config(model_args: ModelArguments):
     )
 
 
-def load_pretrained(model_class: type[PreTrainedModel], model_args: ModelArguments, config: DbrxConfig, **kwargs):
+def load_pretrained(model_class: type, model_args: ModelArguments, config: PretrainedConfig, **kwargs):
     """`from_pretrained` (safetensors only) or a random-init build, with errors that name the checkpoint."""
     dtype = resolve_dtype(model_args.dtype)
     if model_args.random_init:
@@ -138,18 +178,18 @@ def load_pretrained(model_class: type[PreTrainedModel], model_args: ModelArgumen
         ) from err
 
 
-def load_causal_lm(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None) -> DbrxForCausalLM:
+def load_causal_lm(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """A DBRX causal LM with the corrected config and experts implementation, before LoRA/QLoRA."""
     config = load_model_config(model_args)
     if tokenizer is not None:
         align_special_tokens(config, tokenizer)
-    model = load_pretrained(DbrxForCausalLM, model_args, config)
+    model = load_pretrained(DbrxForCausalLM if is_dbrx(config) else AutoModelForCausalLM, model_args, config)
     if tokenizer is not None:
         set_generation_tokens(model, tokenizer)
     return finish_model(model, model_args)
 
 
-def load_reference_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None) -> DbrxForCausalLM:
+def load_reference_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """A frozen copy of the starting policy (DPO, PPO). Its router loss is never computed nor trained."""
     model = load_causal_lm(model_args, tokenizer)
     model.config.output_router_logits = False
@@ -158,13 +198,14 @@ def load_reference_model(model_args: ModelArguments, tokenizer: PreTrainedTokeni
 
 
 def load_sequence_classifier(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None,
-                             num_labels: int = 1) -> DbrxForSequenceClassification:
+                             num_labels: int = 1) -> PreTrainedModel:
     """A DBRX reward / value model: a causal-LM checkpoint gets a fresh `score` head, a reward model keeps its own."""
     config = load_model_config(model_args)
     config.num_labels = num_labels
     if tokenizer is not None:
         align_special_tokens(config, tokenizer)
-    model = load_pretrained(DbrxForSequenceClassification, model_args, config)
+    model_class = DbrxForSequenceClassification if is_dbrx(config) else AutoModelForSequenceClassification
+    model = load_pretrained(model_class, model_args, config)
     return finish_model(model, model_args)
 
 

@@ -13,7 +13,6 @@ import logging
 import os
 from typing import Any
 
-import yaml
 from transformers import PreTrainedTokenizerBase
 
 from dbrx_tune.modeling.loading import load_causal_lm, prepare_for_training
@@ -22,6 +21,7 @@ from dbrx_tune.ppo.rewards import check_reward_checkpoint, load_reward_model, lo
 from dbrx_tune.ppo.trainer import PPOTrainer
 from dbrx_tune.ppo.value_model import load_value_model
 from dbrx_tune.recipe import Recipe
+from dbrx_tune.stage import save_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ def train_and_save_ppo(trainer: PPOTrainer, recipe: Recipe) -> dict[str, float]:
     trainer.save_model(args.output_dir)
     if main:
         trainer.processing_class.save_pretrained(args.output_dir)
-        with open(os.path.join(args.output_dir, "recipe.yaml"), "w", encoding="utf-8") as handle:
-            yaml.safe_dump(json.loads(json.dumps(recipe.values, default=str)), handle, sort_keys=False)
+        save_recipe(recipe, args.output_dir)
         with open(os.path.join(args.output_dir, "train_results.json"), "w", encoding="utf-8") as handle:
             json.dump(metrics, handle, indent=2)
         logger.info("saved PPO policy, value model, tokenizer, recipe and metrics to %s", args.output_dir)

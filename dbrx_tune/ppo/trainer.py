@@ -33,6 +33,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from datasets import Dataset
 from peft import PeftModel
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
@@ -58,6 +59,7 @@ from dbrx_tune.ppo.value_model import value_backbone
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE_NAME = "trainer_state.json"
+VALUE_HEAD_NAME = "value_head.safetensors"
 
 
 class PolicyAndValue(nn.Module):
@@ -477,8 +479,12 @@ class PPOTrainer:
         for name, module, directory in (("policy", unwrapped.policy, output_dir),
                                         ("value_model", unwrapped.value_model, os.path.join(output_dir, "value_model"))):
             prefix = name + "."
-            module.save_pretrained(directory, state_dict={k[len(prefix):]: v for k, v in state.items()
-                                                          if k.startswith(prefix)},
-                                   is_main_process=accelerator.is_main_process)
+            module_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module.save_pretrained(directory, state_dict=module_state, is_main_process=accelerator.is_main_process)
+            if isinstance(module, PeftModel) and name == "value_model" and accelerator.is_main_process:
+                # the trained value head is not part of a LoRA adapter: keep it beside it
+                head = {k.rsplit("model.", 1)[-1]: v.contiguous() for k, v in module_state.items()
+                        if k.endswith("score.weight")}
+                save_file(head, os.path.join(directory, VALUE_HEAD_NAME))
         self._write_state(output_dir)
         accelerator.wait_for_everyone()

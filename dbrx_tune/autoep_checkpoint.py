@@ -1,0 +1,189 @@
+"""Save a DBRX trained under DeepSpeed AutoEP as a plain Hugging Face DBRX checkpoint.
+
+After `deepspeed.initialize` with `expert_parallel` enabled, every `DbrxFFN` is an `AutoEPMoELayer` whose
+parameters carry AutoEP's names and layout, and each rank holds only its own experts:
+
+    router.gate.weight    (n_experts, d_model)                 DBRX: ffn.router.layer.weight (same tensor)
+    experts.w1            (n_local_experts, ffn, d_model)      DBRX: ffn.experts.mlp.w1 (n_experts * ffn, d_model)
+    experts.w3            (n_local_experts, ffn, d_model)      DBRX: ffn.experts.mlp.v1 (n_experts * ffn, d_model)
+    experts.w2            (n_local_experts, d_model, ffn)      DBRX: ffn.experts.mlp.w2 (n_experts * ffn, d_model),
+                                                                     stored un-transposed
+
+The local experts of EP rank r are those of `autoep_experts_for_rank(layer.expert_placement_descriptor, r)`; under
+ZeRO-3 each rank's local experts are further partitioned over the expert-data-parallel group (the ranks holding
+the same experts), all other parameters over the whole data-parallel group.
+
+DeepSpeed 0.19.8 refuses to consolidate such a model: `save_16bit_model` and `_zero3_consolidated_16bit_state_dict`
+(what `Trainer.save_model` calls under ZeRO-3) raise `NotImplementedError` ("global-DP consolidation would produce
+incomplete expert tensors"), and points to an offline `ds_to_universal.py` conversion instead. `dbrx_state_dict_from_autoep`
+does the expert-aware consolidation in the training job: it walks the model one module at a time, gathers each
+module's ZeRO partitions over the group they are partitioned over, gathers each MoE layer's experts over its
+expert-parallel group onto global rank 0, and maps names and layouts back to DBRX's (the inverse of the DBRX
+AutoEP preset, `dbrx_tune.autoep_dbrx`). `save_dbrx_checkpoint(trainer, output_dir)` is the stage scripts' save hook.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import distributed as dist
+from torch import nn
+from transformers import Trainer
+
+from dbrx_tune.modeling.experts import to_original_layout
+
+logger = logging.getLogger(__name__)
+
+DBRX_ROUTER_WEIGHT = "router.layer.weight"
+"""Where DBRX keeps the router weight inside a `DbrxFFN` (AutoEP's `router.gate.weight`)."""
+
+DBRX_EXPERTS_PREFIX = "experts.mlp."
+"""Prefix of the fused expert weights inside a `DbrxFFN` in the original checkpoint layout."""
+
+
+def _autoep_layer_class() -> type[nn.Module] | None:
+    try:
+        from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+    except ImportError:
+        return None
+    return AutoEPMoELayer
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a `DeepSpeedEngine` (any wrapper exposing `.module`), else `model` itself."""
+    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
+
+
+def has_autoep_layers(model: nn.Module) -> bool:
+    """Whether AutoEP replaced any MoE block of `model` (a model or a DeepSpeed engine)."""
+    layer_class = _autoep_layer_class()
+    return layer_class is not None and any(isinstance(module, layer_class) for module in _unwrap(model).modules())
+
+
+def _expert_names_to_dbrx() -> dict[str, str]:
+    """AutoEP grouped-expert parameter name -> DBRX projection name, read from the DBRX preset (gate, down, up)."""
+    from dbrx_tune.autoep_dbrx import build_preset
+
+    preset = build_preset()
+    return {"w1": preset.expert_w1, "w2": preset.expert_w2, "w3": preset.expert_w3}
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Read-only ZeRO-3 gather of `params` (all partitioned over one process group); a no-op for plain tensors."""
+    from deepspeed.zero import GatheredParameters
+
+    return GatheredParameters(params, modifier_rank=None)
+
+
+def _gather_experts_to_rank0(layer: nn.Module) -> dict[str, torch.Tensor] | None:
+    """All experts of one `AutoEPMoELayer`, (n_experts, out, in) each in AutoEP's names, on global rank 0 (CPU).
+
+    Collective: every rank calls it for every layer in the same order. Ranks whose expert-parallel group does not
+    hold global rank 0 only join the expert-data-parallel gather (they hold replicas of the same experts).
+    """
+    from deepspeed.checkpoint.autoep_affine import autoep_experts_for_rank
+
+    named = list(layer.experts.named_parameters(recurse=False))
+    rank = dist.get_rank()
+    with _gathered([param for _, param in named]):
+        local = {name: param.detach() for name, param in named}
+        group = layer.ep_group
+        if layer.ep_size == 1 or group is None:
+            return {name: tensor.cpu() for name, tensor in local.items()} if rank == 0 else None
+        group_ranks = dist.get_process_group_ranks(group)
+        if 0 not in group_ranks:
+            return None
+        full: dict[str, torch.Tensor] = {}
+        for name, tensor in local.items():
+            tensor = tensor.contiguous()
+            parts = [torch.empty_like(tensor) for _ in group_ranks] if rank == 0 else None
+            dist.gather(tensor, parts, dst=0, group=group)
+            if rank != 0:
+                continue
+            merged = torch.empty((layer.num_experts, *tensor.shape[1:]), dtype=tensor.dtype, device="cpu")
+            for ep_rank, part in enumerate(parts):
+                experts = autoep_experts_for_rank(layer.expert_placement_descriptor, ep_rank)
+                merged[list(experts)] = part.cpu()
+            full[name] = merged
+    return full if rank == 0 else None
+
+
+def _dbrx_ffn_state(layer: nn.Module, prefix: str, state_dict: dict[str, torch.Tensor] | None) -> None:
+    """Add one MoE block's router and experts to `state_dict` (rank 0) under DBRX's names and layout."""
+    extra = [name for name, _ in layer.named_parameters() if not name.startswith(("router.gate.", "experts."))]
+    extra += [f"router.gate.{name}" for name, _ in layer.router.gate.named_parameters() if name != "weight"]
+    if extra or layer.router.e_score_correction_bias is not None or getattr(layer, "expert_bias", None) is not None:
+        raise ValueError(
+            f"{prefix.rstrip('.')}: the AutoEP layer holds state a DBRX block has no place for "
+            f"({extra or 'expert/score-correction bias'}); was it built by a preset other than 'dbrx'?"
+        )
+    gate = layer.router.gate.weight
+    with _gathered([gate]):
+        if state_dict is not None:
+            state_dict[prefix + DBRX_ROUTER_WEIGHT] = gate.detach().cpu().clone()
+    experts = _gather_experts_to_rank0(layer)
+    if state_dict is None:
+        return
+    for autoep_name, dbrx_name in _expert_names_to_dbrx().items():
+        # AutoEP's grouped layout equals DbrxGroupedExperts' (out, in) per expert, so the same inverse applies.
+        state_dict[prefix + DBRX_EXPERTS_PREFIX + dbrx_name] = to_original_layout(dbrx_name, experts[autoep_name])
+
+
+def dbrx_state_dict_from_autoep(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full DBRX state dict of an AutoEP model, in the original checkpoint names and layout, on global rank 0.
+
+    `model`: the trained model or its `DeepSpeedEngine`, with ZeRO-3 or without. Collective: call it on every rank;
+    rank 0 gets the CPU state dict (the keys and shapes of a stock `DbrxForCausalLM`), other ranks get None. Works
+    one module at a time, so rank 0 holds at most one MoE block's experts on the accelerator at once.
+    """
+    layer_class = _autoep_layer_class()
+    model = _unwrap(model)
+    if not dist.is_initialized():
+        raise RuntimeError("dbrx_state_dict_from_autoep gathers over the expert-parallel group: torch.distributed "
+                           "must be initialised (it is, inside a DeepSpeed run)")
+    state_dict: dict[str, torch.Tensor] | None = {} if dist.get_rank() == 0 else None
+    seen: dict[int, str] = {}
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if layer_class is not None and isinstance(module, layer_class):
+            _dbrx_ffn_state(module, prefix, state_dict)
+            return
+        params = [(name, param) for name, param in module.named_parameters(recurse=False) if param is not None]
+        with _gathered([param for _, param in params]):
+            if state_dict is not None:
+                for name, param in params:
+                    key = prefix + name
+                    if id(param) in seen:  # tied weights stay one tensor; save_pretrained drops the tied key
+                        state_dict[key] = state_dict[seen[id(param)]]
+                        continue
+                    state_dict[key] = param.detach().cpu().clone()
+                    seen[id(param)] = key
+                for name, buffer in module.named_buffers(recurse=False):
+                    if buffer is not None and name not in module._non_persistent_buffers_set:
+                        state_dict[prefix + name] = buffer.detach().cpu().clone()
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(model, "")
+    return state_dict
+
+
+def save_dbrx_checkpoint(trainer: Trainer, output_dir: str) -> None:
+    """Save `trainer`'s model to `output_dir` as a plain DBRX checkpoint, also under AutoEP expert parallelism.
+
+    The `save_model=` hook of `dbrx_tune.stage.train_and_save`. Without AutoEP layers this is `trainer.save_model`;
+    with them (where DeepSpeed's own consolidation raises), the state dict comes from `dbrx_state_dict_from_autoep`
+    and is written through the trainer's usual `save_pretrained` path (config, safetensors shards, tokenizer, args).
+    Call it on every rank.
+    """
+    if not has_autoep_layers(trainer.model):
+        trainer.save_model(output_dir)
+        return
+    state_dict = dbrx_state_dict_from_autoep(trainer.model)
+    if trainer.args.should_save:
+        trainer._save(output_dir, state_dict=state_dict)
+        logger.info("saved the AutoEP-trained model to %s in the original DBRX layout", output_dir)
+    trainer.accelerator.wait_for_everyone()
