@@ -1,4 +1,4 @@
-"""Save a DBRX trained under DeepSpeed AutoEP as a plain Hugging Face DBRX checkpoint.
+"""Save a DBRX trained under DeepSpeed (ZeRO-3, AutoEP expert parallelism) as a plain Hugging Face DBRX checkpoint.
 
 After `deepspeed.initialize` with `expert_parallel` enabled, every `DbrxFFN` is an `AutoEPMoELayer` whose
 parameters carry AutoEP's names and layout, and each rank holds only its own experts:
@@ -15,11 +15,14 @@ the same experts), all other parameters over the whole data-parallel group.
 
 DeepSpeed 0.19.8 refuses to consolidate such a model: `save_16bit_model` and `_zero3_consolidated_16bit_state_dict`
 (what `Trainer.save_model` calls under ZeRO-3) raise `NotImplementedError` ("global-DP consolidation would produce
-incomplete expert tensors"), and points to an offline `ds_to_universal.py` conversion instead. `dbrx_state_dict_from_autoep`
+incomplete expert tensors"), and points to an offline `ds_to_universal.py` conversion instead. `consolidated_dbrx_state_dict`
 does the expert-aware consolidation in the training job: it walks the model one module at a time, gathers each
 module's ZeRO partitions over the group they are partitioned over, gathers each MoE layer's experts over its
 expert-parallel group onto global rank 0, and maps names and layouts back to DBRX's (the inverse of the DBRX
-AutoEP preset, `dbrx_tune.autoep_dbrx`). `save_dbrx_checkpoint(trainer, output_dir)` is the stage scripts' save hook.
+AutoEP preset, `dbrx_tune.autoep_dbrx`). The same walk also fixes ZeRO-3 without EP: DeepSpeed's consolidation
+reads the 3D `DbrxGroupedExperts` parameters directly, bypassing their state-dict hook, and would save
+`experts.{w1,v1,w2}` in 3D, which a stock `DbrxForCausalLM` does not load. `save_dbrx_checkpoint(trainer, output_dir)`
+is the stage scripts' save hook.
 """
 
 from __future__ import annotations
@@ -51,10 +54,10 @@ def _autoep_layer_class() -> type[nn.Module] | None:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a `DeepSpeedEngine` (any wrapper exposing `.module`), else `model` itself."""
-    while not hasattr(model, "config") and isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
+    """The model inside a `DeepSpeedEngine`, else `model` itself."""
+    from deepspeed import DeepSpeedEngine
+
+    return model.module if isinstance(model, DeepSpeedEngine) else model
 
 
 def has_autoep_layers(model: nn.Module) -> bool:
@@ -73,9 +76,9 @@ def _expert_names_to_dbrx() -> dict[str, str]:
 
 def _gathered(params: list[nn.Parameter]):
     """Read-only ZeRO-3 gather of `params` (all partitioned over one process group); a no-op for plain tensors."""
-    from deepspeed.zero import GatheredParameters
+    import deepspeed
 
-    return GatheredParameters(params, modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def _gather_experts_to_rank0(layer: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -92,7 +95,7 @@ def _gather_experts_to_rank0(layer: nn.Module) -> dict[str, torch.Tensor] | None
         local = {name: param.detach() for name, param in named}
         group = layer.ep_group
         if layer.ep_size == 1 or group is None:
-            return {name: tensor.cpu() for name, tensor in local.items()} if rank == 0 else None
+            return {name: tensor.cpu().clone() for name, tensor in local.items()} if rank == 0 else None
         group_ranks = dist.get_process_group_ranks(group)
         if 0 not in group_ranks:
             return None
@@ -132,18 +135,23 @@ def _dbrx_ffn_state(layer: nn.Module, prefix: str, state_dict: dict[str, torch.T
         state_dict[prefix + DBRX_EXPERTS_PREFIX + dbrx_name] = to_original_layout(dbrx_name, experts[autoep_name])
 
 
-def dbrx_state_dict_from_autoep(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full DBRX state dict of an AutoEP model, in the original checkpoint names and layout, on global rank 0.
+def consolidated_dbrx_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict of a DBRX model trained under DeepSpeed, in DBRX's checkpoint names and layout, on rank 0.
 
-    `model`: the trained model or its `DeepSpeedEngine`, with ZeRO-3 or without. Collective: call it on every rank;
-    rank 0 gets the CPU state dict (the keys and shapes of a stock `DbrxForCausalLM`), other ranks get None. Works
-    one module at a time, so rank 0 holds at most one MoE block's experts on the accelerator at once.
+    `model`: the trained model or its `DeepSpeedEngine`; ZeRO-3 partitioned or not, with AutoEP layers or without.
+    AutoEP layers are mapped back to `DbrxFFN` keys with all experts gathered over the expert-parallel group, and the
+    3D `DbrxGroupedExperts` weights are written as the fused 2D `mlp.{w1,v1,w2}` (ZeRO-3's own consolidation reads
+    parameters directly and would skip the experts' state-dict hook, saving `experts.{w1,v1,w2}` in 3D). Collective:
+    call it on every rank; rank 0 gets the CPU state dict (the keys and shapes of a stock `DbrxForCausalLM`), other
+    ranks None. Works one module at a time, so at most one MoE block's experts are gathered at once.
     """
+    from dbrx_tune.modeling.experts import EXPERT_PROJECTIONS, DbrxGroupedExperts
+
     layer_class = _autoep_layer_class()
     model = _unwrap(model)
     if not dist.is_initialized():
-        raise RuntimeError("dbrx_state_dict_from_autoep gathers over the expert-parallel group: torch.distributed "
-                           "must be initialised (it is, inside a DeepSpeed run)")
+        raise RuntimeError("consolidated_dbrx_state_dict gathers ZeRO-3 partitions and expert-parallel shards: "
+                           "torch.distributed must be initialised (it is, inside a DeepSpeed run)")
     state_dict: dict[str, torch.Tensor] | None = {} if dist.get_rank() == 0 else None
     seen: dict[int, str] = {}
 
@@ -159,7 +167,11 @@ def dbrx_state_dict_from_autoep(model: nn.Module) -> dict[str, torch.Tensor] | N
                     if id(param) in seen:  # tied weights stay one tensor; save_pretrained drops the tied key
                         state_dict[key] = state_dict[seen[id(param)]]
                         continue
-                    state_dict[key] = param.detach().cpu().clone()
+                    if isinstance(module, DbrxGroupedExperts) and name in EXPERT_PROJECTIONS:
+                        key = f"{prefix}mlp.{name}"  # what the experts' own state-dict hook would write
+                        state_dict[key] = to_original_layout(name, param.detach().cpu().clone())
+                    else:
+                        state_dict[key] = param.detach().cpu().clone()
                     seen[id(param)] = key
                 for name, buffer in module.named_buffers(recurse=False):
                     if buffer is not None and name not in module._non_persistent_buffers_set:
@@ -171,19 +183,28 @@ def dbrx_state_dict_from_autoep(model: nn.Module) -> dict[str, torch.Tensor] | N
     return state_dict
 
 
-def save_dbrx_checkpoint(trainer: Trainer, output_dir: str) -> None:
-    """Save `trainer`'s model to `output_dir` as a plain DBRX checkpoint, also under AutoEP expert parallelism.
+def _is_zero3_partitioned(model: nn.Module) -> bool:
+    return any(hasattr(param, "ds_id") for param in model.parameters())
 
-    The `save_model=` hook of `dbrx_tune.stage.train_and_save`. Without AutoEP layers this is `trainer.save_model`;
-    with them (where DeepSpeed's own consolidation raises), the state dict comes from `dbrx_state_dict_from_autoep`
-    and is written through the trainer's usual `save_pretrained` path (config, safetensors shards, tokenizer, args).
-    Call it on every rank.
+
+def save_dbrx_checkpoint(trainer: Trainer, output_dir: str) -> None:
+    """Save `trainer`'s model to `output_dir` as a plain DBRX checkpoint, also under ZeRO-3 and AutoEP.
+
+    The `save_model=` hook of `dbrx_tune.stage.train_and_save`; call it on every rank. A full model that is ZeRO-3
+    partitioned or has AutoEP layers gets its state dict from `consolidated_dbrx_state_dict` (DeepSpeed's own
+    consolidation raises under AutoEP and writes 3D expert keys for the grouped experts), written through the
+    trainer's usual `save_pretrained` path (config, safetensors shards, tokenizer, training args). This happens
+    whatever `stage3_gather_16bit_weights_on_model_save` says: output directories are plain HF checkpoints. Anything
+    else (no DeepSpeed, ZeRO-1/2, PEFT adapters) is `trainer.save_model`.
     """
-    if not has_autoep_layers(trainer.model):
+    from peft import PeftModel
+
+    model = trainer.model
+    if isinstance(model, PeftModel) or not (has_autoep_layers(model) or _is_zero3_partitioned(model)):
         trainer.save_model(output_dir)
         return
-    state_dict = dbrx_state_dict_from_autoep(trainer.model)
+    state_dict = consolidated_dbrx_state_dict(model)
     if trainer.args.should_save:
         trainer._save(output_dir, state_dict=state_dict)
-        logger.info("saved the AutoEP-trained model to %s in the original DBRX layout", output_dir)
+        logger.info("saved the DeepSpeed-trained model to %s in the original DBRX layout", output_dir)
     trainer.accelerator.wait_for_everyone()

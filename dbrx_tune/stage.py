@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase, Trainer
 
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import check_lengths, validate_preference_dataset, validate_prompt_dataset, validate_sft_dataset
+from dbrx_tune.autoep_checkpoint import save_dbrx_checkpoint
 from dbrx_tune.distributed import ParallelConfigError, check_parallel_config, read_json_config
 from dbrx_tune.modeling.loading import load_model_config
 from dbrx_tune.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
@@ -125,7 +126,8 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
                    save_model: Callable[[Trainer, str], None] | None = None) -> dict:
     """Train (resuming when asked), then save a plain HF checkpoint, the resolved recipe and the metrics.
 
-    `save_model(trainer, output_dir)` replaces `trainer.save_model` where a stage saves differently.
+    `save_model(trainer, output_dir)` replaces the default `save_dbrx_checkpoint`, which writes DBRX's original
+    names and layout also from ZeRO-3 partitioned or expert-parallel training.
     """
     args = trainer.args
     if trainer.is_world_process_zero():
@@ -135,10 +137,7 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
-    if save_model is None:
-        trainer.save_model(args.output_dir)
-    else:
-        save_model(trainer, args.output_dir)
+    (save_model or save_dbrx_checkpoint)(trainer, args.output_dir)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

@@ -424,6 +424,8 @@ class PPOTrainer:
                             "epoch": self.state["episode"] / len(self.train_dataset),
                             "time/rollout_s": rollout_time,
                             "time/optimise_s": time.perf_counter() - start - rollout_time})
+            if torch.cuda.is_available():
+                metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if step % max(1, int(args.logging_steps)) == 0 or step == self.num_updates:
                 self.log(metrics, step)
             if args.save_strategy == "steps" and args.save_steps and step % int(args.save_steps) == 0:
