@@ -21,8 +21,8 @@ from transformers import PreTrainedTokenizerBase, Trainer
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import check_lengths, validate_preference_dataset, validate_prompt_dataset, validate_sft_dataset
 from dbrx_tune.autoep_checkpoint import save_dbrx_checkpoint
-from dbrx_tune.distributed import ParallelConfigError, check_parallel_config, read_json_config
-from dbrx_tune.modeling.loading import load_model_config
+from dbrx_tune.distributed import ParallelConfigError, check_parallel_config, expert_parallel_size, read_json_config
+from dbrx_tune.modeling.loading import is_dbrx, load_model_config
 from dbrx_tune.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
@@ -71,10 +71,15 @@ def check_parallelism(recipe: Recipe) -> None:
     if isinstance(ds_config, str):
         ds_config = read_json_config(ds_config)
     model_args = recipe.model
+    config = load_model_config(model_args)
+    if not is_dbrx(config):
+        if expert_parallel_size(ds_config) > 1:
+            raise ParallelConfigError(f"{source}: expert_parallel needs a mixture-of-experts model, not {config.model_type}")
+        return
     check_parallel_config(
         ds_config,
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
-        num_experts=load_model_config(model_args).ffn_config.moe_num_experts,
+        num_experts=config.ffn_config.moe_num_experts,
         experts_implementation=model_args.experts_implementation,
         use_peft=model_args.use_peft,
         load_in_4bit=model_args.load_in_4bit,
@@ -137,6 +142,8 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
+    # TRL switches router logits on for training; a saved model must generate without computing the loss
+    trainer.accelerator.unwrap_model(trainer.model).config.output_router_logits = False
     (save_model or save_dbrx_checkpoint)(trainer, args.output_dir)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

@@ -217,6 +217,10 @@ def _ships_tokenizer(model_name_or_path: str, revision: str | None) -> bool:
     return any(has_file(model_name_or_path, name, revision=revision) for name in _TOKENIZER_FILES)
 
 
+# The value of `tokenizer_name_or_path` that asks for the DBRX tokenizer built offline, whatever the model.
+OFFLINE_DBRX_TOKENIZER = "dbrx-offline"
+
+
 def load_tokenizer(
     model_name_or_path: str | None,
     *,
@@ -226,12 +230,15 @@ def load_tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The tokenizer a run should use, ready for TRL: with a pad token and a generation-marked chat template.
 
-    Order of preference: `tokenizer_name_or_path` when given; else the tokenizer shipped with the model (a local
+    Order of preference: `tokenizer_name_or_path` when given (`OFFLINE_DBRX_TOKENIZER` names the offline DBRX
+    tokenizer, e.g. for a dense model sharing its vocabulary); else the tokenizer shipped with the model (a local
     directory or hub repo containing tokenizer files); else the offline DBRX tokenizer. The offline fallback is
     only taken for DBRX models, so a non-DBRX model without tokenizer files is an error rather than silently
     getting the wrong vocabulary. `revision` applies to whichever hub repo the tokenizer comes from.
     """
     source = tokenizer_name_or_path
+    if source == OFFLINE_DBRX_TOKENIZER:
+        source, model_name_or_path = None, None
     if source is None and model_name_or_path is not None and _ships_tokenizer(model_name_or_path, revision):
         source = model_name_or_path
     if source is not None:

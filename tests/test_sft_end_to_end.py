@@ -55,13 +55,18 @@ def test_output_is_plain_hf_checkpoint_that_generates(first_run):
     model = AutoModelForCausalLM.from_pretrained(first_run)
     tokenizer = AutoTokenizer.from_pretrained(first_run)
     assert model.config.rope_parameters["rope_theta"] == 500000.0
+    tokenizer.padding_side = "left"
+    conversations = [[{"role": "user", "content": "What colour does a banana have?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat: cat dog"}]]
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What colour does a banana have?"}], add_generation_prompt=True, return_tensors="pt",
-        return_dict=True,
+        conversations, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
     )
     with torch.no_grad():
-        generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
-    assert generated.shape[1] > prompt["input_ids"].shape[1]
+        # a padded batch and min_new_tokens force cached decoding steps, where a saved
+        # `output_router_logits: true` made DBRX's forward fail on the attention mask
+        generated = model.generate(**prompt, min_new_tokens=4, max_new_tokens=8, do_sample=False)
+    assert generated.shape[1] >= prompt["input_ids"].shape[1] + 4
+    assert model.config.output_router_logits is False
 
 
 def test_resumed_run_continues_from_saved_step(first_run):

@@ -156,9 +156,8 @@ def load_pretrained(model_class: type, model_args: ModelArguments, config: Pretr
     dtype = resolve_dtype(model_args.dtype)
     if model_args.random_init:
         logger.info("Building %s with random weights from %s", model_class.__name__, model_args.model_name_or_path)
-        return model_class._from_config(
-            config, dtype=None if dtype == "auto" else dtype, attn_implementation=model_args.attn_implementation
-        )
+        build = model_class.from_config if hasattr(model_class, "from_config") else model_class._from_config
+        return build(config, dtype=None if dtype == "auto" else dtype, attn_implementation=model_args.attn_implementation)
     try:
         return model_class.from_pretrained(
             model_args.model_name_or_path,

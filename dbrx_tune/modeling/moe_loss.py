@@ -24,6 +24,9 @@ def sync_moe_config(config: DbrxConfig, moe_loss_weight: float | None = None) ->
     config.num_experts = ffn.moe_num_experts
     config.num_experts_per_tok = ffn.moe_top_k
     config.router_aux_loss_coef = ffn.moe_loss_weight
+    # Off unless a trainer asks: DBRX's forward computes the loss whenever this is set, also while generating,
+    # where the cached decoding steps no longer match the attention mask and the loss computation fails.
+    config.output_router_logits = False
     return config
 
 
