@@ -6,13 +6,13 @@ are loaded, and with LoRA the reference is the policy itself (adapters disabled)
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
 import os
 from typing import Any
 
+from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase
 
 from dbrx_tune.modeling.loading import load_causal_lm, prepare_for_training
@@ -33,14 +33,16 @@ def build_ppo_models(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict
     if args.reward_model_path:
         check_reward_checkpoint(args.reward_model_path)
 
+    set_seed(args.seed)
     policy = load_causal_lm(model_args, tokenizer)
     ref_model = None
     if not model_args.use_peft:
-        if args.ref_model_path is None and model_args.random_init:
-            ref_model = copy.deepcopy(policy)  # the same random weights the policy starts from
-        else:
-            ref_args = dataclasses.replace(model_args, model_name_or_path=args.ref_model_path or model_args.model_name_or_path)
-            ref_model = load_causal_lm(ref_args, tokenizer)
+        # A second build, not a copy: under ZeRO-3 the policy's parameters are partitioned at construction and a
+        # deep copy would share their partition bookkeeping. Re-seeding gives a random-init reference the same
+        # weights as the policy.
+        set_seed(args.seed)
+        ref_args = dataclasses.replace(model_args, model_name_or_path=args.ref_model_path or model_args.model_name_or_path)
+        ref_model = load_causal_lm(ref_args, tokenizer)
     elif args.ref_model_path is not None:
         raise ValueError("ref_model_path: with use_peft the reference is the policy with its adapters disabled; "
                          "drop ref_model_path (or use_peft)")
@@ -70,4 +72,5 @@ def train_and_save_ppo(trainer: PPOTrainer, recipe: Recipe) -> dict[str, float]:
         with open(os.path.join(args.output_dir, "train_results.json"), "w", encoding="utf-8") as handle:
             json.dump(metrics, handle, indent=2)
         logger.info("saved PPO policy, value model, tokenizer, recipe and metrics to %s", args.output_dir)
+    trainer.accelerator.end_training()  # after saving: gathering ZeRO-3 weights needs the process group
     return metrics

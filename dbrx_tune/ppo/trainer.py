@@ -41,6 +41,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from dbrx_tune.ppo.config import PPOConfig
+from dbrx_tune.autoep_checkpoint import consolidated_dbrx_state_dict
 from dbrx_tune.ppo.core import (
     apply_missing_eos_penalty,
     clipped_policy_loss,
@@ -294,7 +295,7 @@ class PPOTrainer:
             logits = policy_out.logits[:, :-1]
             logprobs.append(response_logprobs(logits, responses[rows], args.temperature))
             entropy.append(entropy_from_logits(logits.float() / args.temperature))
-            values.append(value_out.values[:, context_length - 1:-1])
+            values.append(value_out.token_values[:, context_length - 1:-1])
             with self._reference() as reference:
                 ref_out = reference(input_ids=query_responses[rows], attention_mask=attention_mask[rows],
                                     position_ids=position_ids_from_mask(attention_mask[rows]),
@@ -362,7 +363,7 @@ class PPOTrainer:
                         logits = policy_out.logits[:, :-1]
                         mask = data["mask"][idx]
                         logprobs = response_logprobs(logits, data["responses"][idx], args.temperature)
-                        values = value_out.values[:, context_length - 1:-1]
+                        values = value_out.token_values[:, context_length - 1:-1]
                         pg = clipped_policy_loss(logprobs, data["logprobs"][idx], data["advantages"][idx], mask,
                                                  args.cliprange)
                         vf_loss, vf_clipfrac = clipped_value_loss(values, data["values"][idx], data["returns"][idx],
@@ -430,7 +431,6 @@ class PPOTrainer:
                 self.log(metrics, step)
             if args.save_strategy == "steps" and args.save_steps and step % int(args.save_steps) == 0:
                 self._save_checkpoint(step)
-        accelerator.end_training()
         return metrics
 
     def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -476,8 +476,11 @@ class PPOTrainer:
     def save_model(self, output_dir: str) -> None:
         """The policy as a plain HF checkpoint (or adapter) in `output_dir`, the value model in `value_model/`."""
         accelerator = self.accelerator
-        state = accelerator.get_state_dict(self.model)
+        # DBRX names and layout also from ZeRO-3 (whose own consolidation skips the 3D experts' state-dict hook)
+        state = consolidated_dbrx_state_dict(self.model) if self.zero3 else accelerator.get_state_dict(self.model)
         unwrapped = self._unwrapped()
+        if state is None:  # ZeRO-3: only the main process holds the gathered weights
+            state = {}
         for name, module, directory in (("policy", unwrapped.policy, output_dir),
                                         ("value_model", unwrapped.value_model, os.path.join(output_dir, "value_model"))):
             prefix = name + "."

@@ -29,11 +29,12 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class TokenValueOutput(ModelOutput):
     """Args:
-    values (`torch.FloatTensor` of shape `(batch_size, sequence_length)`): the value estimate at every position.
+    token_values (`torch.FloatTensor` of shape `(batch_size, sequence_length)`): the value estimate at every
+        position. (Not `values`: DeepSpeed walks outputs as dicts and calls `.values()`.)
     aux_loss (`torch.FloatTensor`, *optional*): unweighted router load-balancing loss (with `output_router_logits`).
     """
 
-    values: torch.FloatTensor | None = None
+    token_values: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
 
 
@@ -56,7 +57,7 @@ class DbrxForTokenValue(DbrxPreTrainedModel):
         output_router_logits: bool = False,
         **kwargs,
     ) -> TokenValueOutput:
-        """`input_ids` (batch, seq) -> `values` (batch, seq), computed in float32."""
+        """`input_ids` (batch, seq) -> `token_values` (batch, seq), computed in float32."""
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -71,7 +72,7 @@ class DbrxForTokenValue(DbrxPreTrainedModel):
             aux_loss = load_balancing_loss_func(
                 outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask
             )
-        return TokenValueOutput(values=values, aux_loss=aux_loss)
+        return TokenValueOutput(token_values=values, aux_loss=aux_loss)
 
 
 def load_value_model(model_args: ModelArguments, path: str) -> DbrxForTokenValue | PeftModel:
