@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import DbrxConfig, DbrxForCausalLM  # noqa: E402
 
-from dbrx_tune.modeling.config import DBRX_ROPE_THETA, tiny_dbrx_config  # noqa: E402
+from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config  # noqa: E402
 from dbrx_tune.modeling.experts import set_experts_implementation  # noqa: E402
 from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
 from dbrx_tune.modeling.moe_loss import sync_moe_config  # noqa: E402
@@ -53,21 +53,7 @@ MODES = ("stock_full", "ours_full", "stock_lora", "ours_lora", "ours_lora_attent
 
 def dbrx_width_config(n_layers: int, seq_len: int) -> DbrxConfig:
     """databricks/dbrx-base's shape with `n_layers` layers."""
-    config = tiny_dbrx_config(
-        d_model=6144,
-        n_heads=48,
-        n_layers=n_layers,
-        max_seq_len=max(seq_len, 4096),
-        attn_config={"clip_qkv": 8.0, "kv_n_heads": 8, "rope_theta": DBRX_ROPE_THETA},
-        ffn_config={
-            "ffn_hidden_size": 10752,
-            "moe_num_experts": 16,
-            "moe_top_k": 4,
-            "moe_jitter_eps": 0.0,
-            "moe_loss_weight": 0.05,
-            "moe_normalize_expert_weights": 1.0,
-        },
-    )
+    config = dbrx_base_config(n_layers, max_seq_len=max(seq_len, 4096))
     return sync_moe_config(config)
 
 

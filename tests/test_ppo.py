@@ -33,15 +33,6 @@ IM_END = 100279
 WORDS = [" red", " blue", " green", " gold"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits cost seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def tiny_policy(tokenizer, seed: int = 0) -> DbrxForCausalLM:
     torch.manual_seed(seed)
     model = DbrxForCausalLM(sync_moe_config(tiny_dbrx_config()))

@@ -42,15 +42,6 @@ CHATML = (
 VOCAB = 320  # byte-level test tokenizer: 256 bytes + 4 specials, padded up
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits cost seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A tiny byte-level tokenizer with DBRX's special-token names and a ChatML template (no downloads)."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())

@@ -28,15 +28,6 @@ from dbrx_tune.modeling.seq_cls import (
 PAD = 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits cost seconds."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def small_config(**overrides):
     values = dict(vocab_size=128, pad_token_id=PAD, bos_token_id=1, eos_token_id=1, num_labels=1)
     values.update(overrides)

@@ -87,3 +87,28 @@ def tiny_dbrx_config(**overrides) -> DbrxConfig:
     )
     values.update(overrides)
     return fix_rope_parameters(DbrxConfig(**values))
+
+
+def dbrx_base_config(n_layers: int = 40, **overrides) -> DbrxConfig:
+    """databricks/dbrx-base's published shape (132B parameters, 36B active), for random-init benchmarks.
+
+    d_model 6144, 48 heads / 8 KV heads, 16 experts of ffn 10752 with top-4 routing, RoPE 500000, clip_qkv 8,
+    vocab 100352; `n_layers` (40 in the real model) is the knob benchmarks turn to fit a machine.
+    """
+    values = dict(
+        d_model=6144,
+        n_heads=48,
+        n_layers=n_layers,
+        max_seq_len=32768,
+        attn_config={"clip_qkv": 8.0, "kv_n_heads": 8, "rope_theta": DBRX_ROPE_THETA},
+        ffn_config={
+            "ffn_hidden_size": 10752,
+            "moe_num_experts": 16,
+            "moe_top_k": 4,
+            "moe_jitter_eps": 0.0,
+            "moe_loss_weight": 0.05,
+            "moe_normalize_expert_weights": 1.0,
+        },
+    )
+    values.update(overrides)
+    return tiny_dbrx_config(**values)
