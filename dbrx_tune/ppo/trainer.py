@@ -129,7 +129,9 @@ class PPOTrainer:
         self.args = args
         self.processing_class = processing_class
         self.accelerator = Accelerator(
-            cpu=args.use_cpu,
+            # accelerate drops DeepSpeed when told cpu=True; with `deepspeed` set, `args` has already placed this
+            # process on the CPU (as for transformers' Trainer, which never passes cpu)
+            cpu=args.use_cpu and args.deepspeed_plugin is None,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             deepspeed_plugin=args.deepspeed_plugin,
             mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
