@@ -1,9 +1,10 @@
 """`rlhf/ppo.py` under DeepSpeed ZeRO-3 on 2 CPU processes (gloo, fp32, torch AdamW), end to end.
 
-The policy and value model are one ZeRO-3 engine, the frozen reference a second partitioned model, rollouts use
-`synced_gpus` generation, and the save gathers the partitions into plain DBRX checkpoints. The test starts this
-file as the worker (`python -m torch.distributed.run --nproc_per_node 2 tests/test_ppo_zero3.py ARGS...`); the
-worker switches off DeepSpeed's shared-memory kernel build and runs the stage script's `main(ARGS)`.
+Under ZeRO-3 the policy and value model are one partitioned engine, the frozen reference is a second partitioned
+model built from the same seed, rollouts generate with `synced_gpus`, and the save gathers the partitions into
+plain DBRX checkpoints. The test starts this file as the worker (`python -m torch.distributed.run --nproc_per_node 2
+tests/test_ppo_zero3.py RECIPE --key value ...`); the worker prepares DeepSpeed's communicator for a CPU run and
+calls the stage script's `main` with those arguments.
 """
 
 from __future__ import annotations
@@ -16,17 +17,16 @@ import sys
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_ppo.yaml")
+WORLD = 2
 UPDATES = 2
 PROMPTS_PER_RANK = 2
-WORLD = 2
-SEED = 42
-
+LEARNING_RATE = 3e-3
 ZERO3 = {
     "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "gradient_accumulation_steps": "auto",
@@ -34,6 +34,7 @@ ZERO3 = {
     "train_batch_size": "auto",
     "train_micro_batch_size_per_gpu": "auto",
 }
+N_EXPERTS, FFN, D_MODEL = 4, 128, 64  # recipes/tiny/dbrx-tiny
 
 
 def _worker(argv: list[str]) -> None:
@@ -44,45 +45,102 @@ def _worker(argv: list[str]) -> None:
 
     # The shared-memory allreduce kernel is a JIT C++ build (minutes on 2 cores); plain gloo is enough here.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # With use_cpu, accelerate starts torch.distributed but not DeepSpeed's communicator, whose world size
-    # zero.Init and the batch-size checks read; on GPUs accelerate starts it itself.
+    # With use_cpu, accelerate starts torch.distributed but not DeepSpeed's communicator, whose world size zero.Init
+    # reads for its batch-size check before starting it; on GPUs accelerate starts it itself.
     deepspeed.init_distributed(dist_backend="gloo")
     main(argv)
 
 
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory):
+    """(output_dir, stdout) of one 2-process ZeRO-3 run: 2 updates of 2 prompts per rank, 4-token responses."""
     work = tmp_path_factory.mktemp("ppo_zero3")
-    ds_path = work / "zero3.json"
-    ds_path.write_text(json.dumps(ZERO3))
+    ds_config = work / "zero3.json"
+    ds_config.write_text(json.dumps(ZERO3))
     out = work / "out"
     recipe_args = [
-        RECIPE, "--deepspeed", str(ds_path), "--use_cpu", "true", "--output_dir", str(out), "--report_to", "none",
-        "--save_strategy", "no", "--per_device_train_batch_size", str(PROMPTS_PER_RANK), "--num_mini_batches", "1",
-        "--num_ppo_epochs", "1", "--response_length", "4", "--local_rollout_forward_batch_size", "2",
+        RECIPE, "--deepspeed", str(ds_config), "--use_cpu", "true", "--output_dir", str(out), "--report_to", "none",
+        "--save_strategy", "steps", "--save_steps", "1",  # checkpoints of partitioned grouped experts
+        "--per_device_train_batch_size", str(PROMPTS_PER_RANK), "--num_mini_batches", "1",
+        "--num_ppo_epochs", "1", "--response_length", "4", "--local_rollout_forward_batch_size", str(PROMPTS_PER_RANK),
         "--total_episodes", str(UPDATES * PROMPTS_PER_RANK * WORLD), "--max_train_samples", "8",
-        "--seed", str(SEED),
+        "--learning_rate", str(LEARNING_RATE),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
                str(29500 + os.getpid() % 1000 + 21), __file__, *recipe_args]
     try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"2-rank ZeRO-3 PPO run hung (timeout): {str(err.stdout)[-3000:]} {str(err.stderr)[-3000:]}")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    return out
+    return out, result.stdout
 
 
-def test_zero3_ppo_runs_the_requested_updates_with_finite_metrics(ppo_run):
-    state = json.loads((ppo_run / "trainer_state.json").read_text())
+def test_zero3_ppo_partitions_the_models_and_logs_every_update_with_finite_metrics(ppo_run):
+    out, stdout = ppo_run
+    # policy, reference and value model were each built partitioned (ZeRO-3 zero.Init + leaf MoE blocks)
+    assert stdout.count("ZeRO-3: registered 2 DBRX MoE blocks as leaf modules") == 3
+    state = json.loads((out / "trainer_state.json").read_text())
     history = state["log_history"]
     assert state["global_step"] == UPDATES
     assert [entry["step"] for entry in history] == list(range(1, UPDATES + 1))
+    assert history[-1]["episode"] == UPDATES * PROMPTS_PER_RANK * WORLD  # both ranks' prompts counted
     for entry in history:
-        for name in ("objective/kl", "objective/scores", "loss/policy_avg", "loss/value_avg", "router/aux_loss"):
+        for name in ("objective/kl", "objective/scores", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg",
+                     "router/aux_loss", "policy/entropy_avg"):
             assert math.isfinite(entry[name]), (name, entry)
-    assert history[-1]["episode"] == UPDATES * PROMPTS_PER_RANK * WORLD
+    # The reference is a second seeded build: it equals the policy until the first update, then the policy moves.
+    assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(history[1]["objective/kl"]) > 1e-4
+    assert json.loads((out / "train_results.json").read_text())["objective/kl"] == history[-1]["objective/kl"]
+    # intermediate checkpoints of the partitioned grouped experts were written too
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}" for step in range(1, UPDATES + 1)]
+
+
+def test_zero3_ppo_saves_a_trained_policy_that_stock_dbrx_loads_in_the_original_layout(ppo_run):
+    from transformers import DbrxForCausalLM
+
+    out, _ = ppo_run
+    saved = load_file(out / "model.safetensors")
+    assert saved["transformer.blocks.0.ffn.experts.mlp.w1"].shape == (N_EXPERTS * FFN, D_MODEL)
+    assert saved["transformer.blocks.1.ffn.experts.mlp.w2"].shape == (N_EXPERTS * FFN, D_MODEL)  # un-transposed
+    assert saved["transformer.blocks.0.ffn.router.layer.weight"].shape == (N_EXPERTS, D_MODEL)
+    assert not any(key.startswith(("policy.", "value_model.")) or "score" in key for key in saved)
+
+    policy = DbrxForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(policy.transformer.blocks[0].ffn.experts).__name__ == "DbrxExperts"  # stock 2D experts
+    loaded = policy.state_dict()
+    assert set(loaded) == set(saved)
+    assert all(torch.equal(loaded[key], tensor) for key, tensor in saved.items())
+    with torch.no_grad():
+        logits = policy(input_ids=torch.tensor([[100257, 9906, 11, 1917]])).logits
+    assert torch.isfinite(logits).all()
+    # The norm weights start at exactly 1 (the random matrices depend on zero.Init's RNG use); two AdamW steps of
+    # lr move each weight by at most about 2 * lr, and by more than nothing.
+    norms = [tensor for key, tensor in saved.items() if key.endswith("norm_1.weight") or key == "transformer.norm_f.weight"]
+    moved = torch.stack([(norm - 1).abs().max() for norm in norms])
+    assert (moved > 0).all() and (moved <= UPDATES * LEARNING_RATE * 1.01).all(), moved
+
+
+def test_zero3_ppo_saves_a_trained_value_model_that_load_value_model_restores(ppo_run):
+    from dbrx_tune.ppo.value_model import DbrxForTokenValue, load_value_model
+    from dbrx_tune.recipe import ModelArguments
+
+    out, _ = ppo_run
+    directory = str(out / "value_model")
+    saved = load_file(os.path.join(directory, "model.safetensors"))
+    assert saved["transformer.blocks.0.ffn.experts.mlp.v1"].shape == (N_EXPERTS * FFN, D_MODEL)
+    assert saved["score.weight"].shape == (1, D_MODEL)
+    # the head starts at zero on a causal-LM checkpoint; a non-zero saved head was trained
+    assert saved["score.weight"].abs().max() > 0
+
+    value_model = load_value_model(ModelArguments(model_name_or_path=directory, dtype="float32"), directory)
+    assert isinstance(value_model, DbrxForTokenValue)
+    torch.testing.assert_close(value_model.score.weight.detach(), saved["score.weight"], rtol=0, atol=0)
+    with torch.no_grad():
+        values = value_model(input_ids=torch.tensor([[100257, 9906, 11, 1917]])).token_values
+    assert values.shape == (1, 4) and torch.isfinite(values).all()
 
 
 if __name__ == "__main__":

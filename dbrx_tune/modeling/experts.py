@@ -237,9 +237,13 @@ def to_original_layout(name: str, grouped: torch.Tensor) -> torch.Tensor:
 def _write_original_layout(module: DbrxGroupedExperts, state_dict: dict, prefix: str, local_metadata) -> None:
     for name in EXPERT_PROJECTIONS:
         tensor = state_dict.pop(prefix + name, None)
-        if tensor is not None:
-            with torch.no_grad():
-                state_dict[f"{prefix}mlp.{name}"] = to_original_layout(name, tensor)
+        if tensor is None:
+            continue
+        if tensor.numel() == 0:  # a ZeRO-3 partition placeholder (DeepSpeed's own checkpoints): rename only
+            state_dict[f"{prefix}mlp.{name}"] = tensor
+            continue
+        with torch.no_grad():
+            state_dict[f"{prefix}mlp.{name}"] = to_original_layout(name, tensor)
 
 
 def _read_original_layout(module: DbrxGroupedExperts, state_dict: dict, prefix: str, *args) -> None:
@@ -248,6 +252,9 @@ def _read_original_layout(module: DbrxGroupedExperts, state_dict: dict, prefix: 
         if key not in state_dict:
             continue
         tensor = state_dict.pop(key)
+        if tensor.numel() == 0:  # a ZeRO-3 partition placeholder; DeepSpeed restores the partitions itself
+            state_dict[prefix + name] = tensor
+            continue
         expected = (module.num_experts * module.ffn_hidden_size, module.hidden_size)
         if tuple(tensor.shape) != expected:
             raise ValueError(
