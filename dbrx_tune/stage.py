@@ -16,7 +16,7 @@ from collections.abc import Callable
 import datasets
 import transformers
 import yaml
-from transformers import PreTrainedTokenizerBase, Trainer
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer
 
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import check_lengths, validate_preference_dataset, validate_prompt_dataset, validate_sft_dataset
@@ -45,7 +45,10 @@ def setup_logging(main_process: bool) -> None:
 
 
 def start_stage(argv: list[str] | None, training_class: type, stage_class: type | None = None) -> Recipe:
-    """Parse the recipe and check the output directory. Exits with a one-line message on bad input."""
+    """Parse the recipe, check the output directory, the model config and the parallel settings.
+
+    Exits with a one-line message naming the file and key on bad input, before anything is loaded or written.
+    """
     argv = sys.argv[1:] if argv is None else argv
     try:
         recipe = parse_recipe(argv, training_class, stage_class)
@@ -57,21 +60,21 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         check_output_dir(
             args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
         )
+        config = load_model_config(recipe.model)
         if args.deepspeed:
-            check_parallelism(recipe)
-    except (OutputDirError, ParallelConfigError) as err:
+            check_parallelism(recipe, config)
+    except (OutputDirError, ParallelConfigError, OSError, ValueError) as err:
         raise SystemExit(f"error: {recipe.path}: {err}") from None
     return recipe
 
 
-def check_parallelism(recipe: Recipe) -> None:
+def check_parallelism(recipe: Recipe, config: PretrainedConfig) -> None:
     """Refuse DeepSpeed / expert-parallel settings that cannot run on this launch, before any weights load."""
     ds_config = recipe.training.deepspeed
     source = ds_config if isinstance(ds_config, str) else "deepspeed"
     if isinstance(ds_config, str):
         ds_config = read_json_config(ds_config)
     model_args = recipe.model
-    config = load_model_config(model_args)
     if not is_dbrx(config):
         if expert_parallel_size(ds_config) > 1:
             raise ParallelConfigError(f"{source}: expert_parallel needs a mixture-of-experts model, not {config.model_type}")
@@ -108,6 +111,15 @@ def load_stage_datasets(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenize
     data = recipe.data
     if not data.dataset_name:
         raise SystemExit(f"error: {recipe.path}: dataset_name is required")
+    try:
+        return _load_and_validate(recipe, kind, tokenizer, max_length)
+    except (OSError, ValueError) as err:  # missing files, schema and length errors name the file and row
+        raise SystemExit(f"error: {recipe.path}: {err}") from None
+
+
+def _load_and_validate(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase,
+                       max_length: int | None) -> datasets.DatasetDict:
+    data = recipe.data
     splits = load_splits(
         data.dataset_name,
         config=data.dataset_config,
