@@ -13,21 +13,28 @@ from dbrx_tune.recipe import RecipeError, parse_recipe
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def training_class_for(recipe_path: str) -> type:
+def stage_classes_for(recipe_path: str) -> tuple[type, type | None]:
+    """(training class, stage-specific class) of the stage script a shipped recipe is for, by its file name."""
     name = os.path.basename(recipe_path)
+    if "_grpo" in name or "_rloo" in name:
+        from trl import GRPOConfig, RLOOConfig
+
+        from dbrx_tune.online_rl import OnlineRewardArguments
+
+        return (GRPOConfig if "_grpo" in name else RLOOConfig), OnlineRewardArguments
     if "_ppo" in name:
         from dbrx_tune.ppo import PPOConfig
 
-        return PPOConfig
+        return PPOConfig, None
     if "_orpo" in name:
         from trl.experimental.orpo import ORPOConfig
 
-        return ORPOConfig
+        return ORPOConfig, None
     if "_dpo" in name:
-        return DPOConfig
+        return DPOConfig, None
     if "_rm" in name:
-        return RewardConfig
-    return SFTConfig
+        return RewardConfig, None
+    return SFTConfig, None
 
 
 SHIPPED_RECIPES = sorted(glob.glob(os.path.join(REPO_ROOT, "recipes", "*.yaml"))
@@ -37,7 +44,7 @@ SHIPPED_RECIPES = sorted(glob.glob(os.path.join(REPO_ROOT, "recipes", "*.yaml"))
 @pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=os.path.basename)
 def test_every_shipped_recipe_parses(path, monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # recipes name DeepSpeed configs relative to the repository root
-    recipe = parse_recipe([path, "--use_cpu", "true", "--bf16", "false"], training_class_for(path))
+    recipe = parse_recipe([path, "--use_cpu", "true", "--bf16", "false"], *stage_classes_for(path))
     assert recipe.model.model_name_or_path
     assert recipe.data.dataset_name
     assert recipe.training.output_dir
