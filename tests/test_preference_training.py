@@ -11,8 +11,9 @@ from rlhf.dpo import main as train_dpo
 from rlhf.orpo import main as train_orpo
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 30 steps (the recipes run 60): seen +7.9 nats (DPO) and +0.47 (ORPO) of held-out margin on CPU
 COMMON = ["--report_to", "none", "--save_strategy", "no", "--eval_strategy", "steps", "--eval_steps", "1000",
-          "--eval_on_start", "true", "--max_eval_samples", "48"]
+          "--eval_on_start", "true", "--max_eval_samples", "48", "--max_steps", "30"]
 
 
 def held_out_margins(output_dir: str, chosen_key: str, rejected_key: str) -> list[float]:
