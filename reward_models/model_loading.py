@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,12 +23,10 @@ from transformers import (
 
 import dbrx_tune.modeling.seq_cls  # noqa: F401  (registers DbrxForSequenceClassification with the Auto class)
 from dbrx_tune.modeling.config import fix_rope_parameters
+from dbrx_tune.modeling.loading import require_trained_reward_weights, resolve_dtype
 from dbrx_tune.tokenizer import build_dbrx_tokenizer, ensure_pad_token
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def _config(path: str) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(path)
@@ -44,28 +41,20 @@ def load_reward_model(path: str, *, dtype: str = "auto", device: str = "cpu") ->
     `device` is a device name ("cpu", "cuda:0") or "auto" to spread a model too large for one GPU (DBRX in bf16
     needs about 264 GB) over all visible GPUs.
     """
-    config = _config(path)
-    architectures = getattr(config, "architectures", None) or []
     model, info = AutoModelForSequenceClassification.from_pretrained(
-        path, config=config, dtype=DTYPES[dtype], device_map=device, output_loading_info=True
+        path, config=_config(path), dtype=resolve_dtype(dtype), device_map=device, output_loading_info=True
     )
-    missing = sorted(info.get("missing_keys", []))
-    head_missing = [k for k in missing if not k.startswith(model.base_model_prefix + ".")]
-    if head_missing:
-        raise ValueError(
-            f"{path}: has no trained score head (missing {head_missing}; architectures={architectures}). "
-            "Train a reward model with reward_models/train.py, or score a DPO policy with --ref-model PATH or "
-            "--reference-free."
-        )
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"{path}: checkpoint lacks backbone weights ({shown}); it would be scored half-random")
+    require_trained_reward_weights(
+        path, model, info,
+        hint="Train a reward model with reward_models/train.py, or score a DPO policy with --ref-model PATH or "
+        "--reference-free.",
+    )
     return model.eval()
 
 
 def load_policy_model(path: str, *, dtype: str = "auto", device: str = "cpu") -> PreTrainedModel:
     """A causal LM (a DPO policy or its reference) in eval mode; `device` as for `load_reward_model`."""
-    model = AutoModelForCausalLM.from_pretrained(path, config=_config(path), dtype=DTYPES[dtype], device_map=device)
+    model = AutoModelForCausalLM.from_pretrained(path, config=_config(path), dtype=resolve_dtype(dtype), device_map=device)
     return model.eval()
 
 

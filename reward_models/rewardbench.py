@@ -30,7 +30,8 @@ from reward_models.export import (
     normalize_model_name,
     write_leaderboard_files,
 )
-from reward_models.model_loading import DTYPES, load_eval_tokenizer, load_policy_model, load_reward_model
+from dbrx_tune.modeling.loading import DTYPES
+from reward_models.model_loading import load_eval_tokenizer, load_policy_model, load_reward_model
 from reward_models.scoring import DpoRewardScorer, RewardModelScorer, check_tokenizer_matches
 from reward_models.sections import SectionReport, v1_sections, v2_sections
 
@@ -62,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                                       "oldest tokens (left truncation)")
     parser.add_argument("--device", default="auto" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda:N, or auto (spread the model over all visible GPUs)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
+    parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     args = parser.parse_args(argv)
     if args.ref_model and args.reference_free:
         parser.error("--ref-model and --reference-free exclude each other")

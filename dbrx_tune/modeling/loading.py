@@ -33,16 +33,16 @@ from dbrx_tune.recipe import ModelArguments
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_dtype(name: str | None) -> torch.dtype | str:
     """Map a recipe's `dtype` to what `from_pretrained` takes ("auto" keeps the checkpoint's dtype)."""
     if name in (None, "auto"):
         return "auto"
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {name!r}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
 
 
 def align_special_tokens(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -206,6 +206,25 @@ def load_sequence_classifier(model_args: ModelArguments, tokenizer: PreTrainedTo
     model_class = DbrxForSequenceClassification if is_dbrx(config) else AutoModelForSequenceClassification
     model = load_pretrained(model_class, model_args, config)
     return finish_model(model, model_args)
+
+
+def require_trained_reward_weights(path: str, model: PreTrainedModel, loading_info: dict, hint: str) -> None:
+    """Refuse a reward model whose checkpoint lacked some weights (`output_loading_info` of `from_pretrained`).
+
+    transformers initialises missing weights at random and carries on: a causal LM loaded into a reward class gets a
+    random score head, and its rewards mean nothing. Every stage that scores with a frozen reward model (RewardBench,
+    PPO) checks here, and `hint` says what to do instead.
+    """
+    missing = sorted(loading_info.get("missing_keys", []))
+    head_missing = [key for key in missing if not key.startswith(model.base_model_prefix + ".")]
+    if head_missing:
+        architectures = getattr(model.config, "architectures", None) or []
+        raise ValueError(
+            f"{path}: has no trained score head (missing {head_missing}; architectures={architectures}). {hint}"
+        )
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"{path}: checkpoint lacks backbone weights ({shown}); it would score at random")
 
 
 def set_generation_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

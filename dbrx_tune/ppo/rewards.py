@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, DbrxConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from dbrx_tune.modeling.loading import finish_model, load_pretrained, resolve_dtype
+from dbrx_tune.modeling.loading import finish_model, load_pretrained, require_trained_reward_weights, resolve_dtype
 from dbrx_tune.modeling.config import fix_rope_parameters
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
@@ -142,10 +142,10 @@ def load_reward_model(path: str, model_args: ModelArguments) -> PreTrainedModel:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, dtype=resolve_dtype(model_args.dtype), use_safetensors=True, output_loading_info=True
         )
-    missing = sorted(info.get("missing_keys", []))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise RewardModelError(f"reward_model_path {path!r}: checkpoint lacks {shown}; it would score at random")
+    try:
+        require_trained_reward_weights(path, model, info, hint="Train one with reward_models/train.py.")
+    except ValueError as err:
+        raise RewardModelError(f"reward_model_path: {err}") from None
     model.requires_grad_(False)
     return model.eval()
 
