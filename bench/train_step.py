@@ -7,9 +7,10 @@ What one timed step is: the work of one SFTTrainer optimisation step without the
 `Trainer.compute_loss` (model forward with labels and `output_router_logits=True`, so the DBRX router
 load-balancing loss is added as TRL does after `sync_moe_config`), `loss.backward()` with gradient checkpointing
 (non-reentrant, as the recipes enable it), a fused torch AdamW step (the HF Trainer's default optimiser) and
-`zero_grad(set_to_none=True)`. Steps are timed with CUDA events after warm-up; tokens/s = batch * seq_len / median
-step time. Peak memory is `torch.cuda.max_memory_allocated` over the warm-up and timed steps (weights, gradients,
-optimiser state and activations).
+`zero_grad(set_to_none=True)`. Steps are timed with CUDA events after warm-up, in `--repeats` runs of `--steps`
+steps; the step time is the median of the runs' medians (their spread is reported), tokens/s = batch * seq_len / step
+time. Peak memory is `torch.cuda.max_memory_allocated` over the warm-up and timed steps (weights, gradients, optimiser
+state and activations).
 
 Modes (same seed, so stock and ours start from the same weights and the same routing):
     stock_full   transformers `DbrxExperts` (Python loop over experts), all parameters trained
@@ -85,7 +86,7 @@ def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: t
     generator = torch.Generator().manual_seed(args.seed)
     batches = [
         torch.randint(0, config.vocab_size, (args.batch, args.seq_len), generator=generator).to(device)
-        for _ in range(args.warmup + args.steps)
+        for _ in range(args.warmup + args.steps * args.repeats)
     ]
     synchronize(device)
     build_s = time.perf_counter() - build_start
@@ -114,9 +115,14 @@ def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: t
             elapsed = (time.perf_counter() - began) * 1e3
         if index >= args.warmup:
             times_ms.append(elapsed)
-    step_ms = statistics.median(times_ms)
+    # `repeats` timed loops of `steps` steps each: the headline is the median of the loops' medians, and the
+    # loops' spread says whether a difference between modes is more than noise.
+    run_medians = [statistics.median(times_ms[i : i + args.steps]) for i in range(0, len(times_ms), args.steps)]
+    step_ms = statistics.median(run_medians)
     result = {
         "step_ms": round(step_ms, 1),
+        "step_ms_runs": [round(t, 1) for t in run_medians],
+        "spread_pct": round(100 * (max(run_medians) - min(run_medians)) / step_ms, 2),
         "step_ms_all": [round(t, 1) for t in times_ms],
         "tokens_per_s": round(args.batch * args.seq_len / (step_ms * 1e-3), 1),
         "trainable_params": sum(p.numel() for p in trainable),
@@ -141,7 +147,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median and spread reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU in fp32: checks the script runs")
@@ -160,6 +167,7 @@ def main() -> None:
         config = sync_moe_config(tiny_dbrx_config(n_layers=args.layers, vocab_size=1024, pad_token_id=1000,
                                                       bos_token_id=1001, eos_token_id=1001))
         args.seq_len, args.batch, args.warmup, args.steps, args.lora_r = min(args.seq_len, 32), 1, 1, 1, 8
+        args.repeats = 1
     else:
         if not torch.cuda.is_available():
             raise SystemExit("bench/train_step.py needs a CUDA GPU (or --smoke for the CPU check)")
@@ -177,6 +185,13 @@ def main() -> None:
             return round(results[stock]["step_ms"] / results[ours]["step_ms"], 3)
         return None
 
+    def speedup_range(stock: str, ours: str) -> list[float] | None:
+        """Slowest-to-fastest speedup over the timed runs: stock's fastest run / ours' slowest, and the reverse."""
+        if stock in results and ours in results:
+            stock_runs, ours_runs = results[stock]["step_ms_runs"], results[ours]["step_ms_runs"]
+            return [round(min(stock_runs) / max(ours_runs), 3), round(max(stock_runs) / min(ours_runs), 3)]
+        return None
+
     def pick(mode: str, key: str):
         return results.get(mode, {}).get(key)
 
@@ -185,6 +200,8 @@ def main() -> None:
         "speedup_full": speedup("stock_full", "ours_full"),
         "speedup_lora": speedup("stock_lora", "ours_lora"),
         "speedup_lora_same_targets": speedup("stock_lora", "ours_lora_attention"),
+        "speedup_full_range": speedup_range("stock_full", "ours_full"),
+        "speedup_lora_range": speedup_range("stock_lora", "ours_lora"),
         "tokens_per_s_ours": pick("ours_full", "tokens_per_s"),
         "tokens_per_s_stock": pick("stock_full", "tokens_per_s"),
         "peak_gb_ours": pick("ours_full", "peak_gb"),
@@ -196,6 +213,7 @@ def main() -> None:
             "top_k": config.ffn_config.moe_top_k, "ffn": config.ffn_config.ffn_hidden_size,
             "vocab": config.vocab_size, "batch": args.batch, "seq_len": args.seq_len, "dtype": str(dtype),
             "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r, "gradient_checkpointing": "non-reentrant",
+            "steps_per_run": args.steps, "runs": args.repeats,
             "optimizer": "torch AdamW (fused on CUDA)", "router_aux_loss": config.ffn_config.moe_loss_weight,
         },
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -207,12 +225,13 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
         with open(output, "w") as handle:
             json.dump(summary, handle, indent=2)
-    print(f"{'mode':22} {'step ms':>9} {'tokens/s':>10} {'peak GB':>8} {'trainable':>14}")
+    print(f"{'mode':22} {'step ms':>9} {'spread':>7} {'tokens/s':>10} {'peak GB':>8} {'trainable':>14}")
     for mode, row in results.items():
         peak = row.get("peak_gb")
-        print(f"{mode:22} {row['step_ms']:9.1f} {row['tokens_per_s']:10.1f} "
+        print(f"{mode:22} {row['step_ms']:9.1f} {row['spread_pct']:6.1f}% {row['tokens_per_s']:10.1f} "
               f"{peak if peak is not None else '-':>8} {row['trainable_params']:14,d}")
-    print(f"speedup full {summary['speedup_full']}x, LoRA {summary['speedup_lora']}x "
+    print(f"speedup full {summary['speedup_full']}x (runs {summary['speedup_full_range']}), LoRA "
+          f"{summary['speedup_lora']}x (runs {summary['speedup_lora_range']}) "
           f"(same LoRA targets as stock: {summary['speedup_lora_same_targets']}x)")
 
 

@@ -168,3 +168,65 @@ def test_grouped_mm_path_matches_fp32_stock_on_gpu():
     out.float().sum().backward()
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
     assert ours.w1.grad is not None and torch.isfinite(ours.w1.grad).all()
+
+
+def _deltas(num_experts: int, in_features: int, outs: tuple[int, ...], ranks: tuple[int, ...], device="cpu"):
+    generator = torch.Generator().manual_seed(5)
+    return [
+        experts_module.LowRankDelta(
+            torch.randn(num_experts, r, in_features, generator=generator).to(device).requires_grad_(),
+            torch.randn(num_experts, out, r, generator=generator).to(device).requires_grad_(),
+            scaling,
+        )
+        for out, r, scaling in zip(outs, ranks, (0.5, 2.0))
+    ]
+
+
+def _per_expert_low_rank(x, delta, counts):
+    chunks = [rows @ down.T @ up.T * delta.scaling for rows, down, up in zip(x.split(counts), delta.down, delta.up)]
+    return torch.cat(chunks)
+
+
+@pytest.mark.parametrize("ranks", [(4, 4), (3, 5)])
+def test_low_rank_terms_of_deltas_sharing_an_input_match_per_expert_math(ranks):
+    counts = [3, 0, 5, 4]  # an expert with no rows too
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    deltas = _deltas(4, 16, (24, 12), ranks)
+    inputs = [x] + [d.down for d in deltas] + [d.up for d in deltas]
+    terms = experts_module.low_rank_terms(x, deltas, offsets, counts)
+    grads = torch.autograd.grad(sum((t * t).sum() for t in terms), inputs)
+    expected = [_per_expert_low_rank(x, delta, counts) for delta in deltas]
+    expected_grads = torch.autograd.grad(sum((t * t).sum() for t in expected), inputs)
+    for got, want in zip(terms, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_gather_backward_sums_each_tokens_copies_like_indexing():
+    top_k_index = torch.tensor([[2, 0], [1, 2], [0, 3], [2, 1], [3, 0]])
+    routed = experts_module.route_tokens(top_k_index, num_experts=4)
+    x = torch.randn(5, 8, requires_grad=True)
+    grad = torch.randn(10, 8)
+    ours = experts_module.gather_sorted_rows(x, routed)
+    (dx,) = torch.autograd.grad(ours, x, grad)
+    reference = x[routed.token_index]
+    (dx_ref,) = torch.autograd.grad(reference, x, grad)
+    assert torch.equal(ours, reference)
+    torch.testing.assert_close(dx, dx_ref)
+
+
+@pytest.mark.skipif(
+    not (torch.cuda.is_available() and grouped_mm_supported(torch.device("cuda"), torch.bfloat16)),
+    reason="needs torch._grouped_mm (CUDA compute capability >= 9.0)",
+)
+def test_grouped_low_rank_terms_match_the_loop_on_gpu():
+    counts = [40, 0, 88, 128]
+    offsets = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 64, device="cuda", dtype=torch.bfloat16)
+    deltas = _deltas(4, 64, (128, 96), (16, 16), device="cuda")  # fp32 factors, as PEFT keeps them
+    grouped = experts_module.low_rank_terms(x, deltas, offsets, None)  # column slices of one down projection
+    loop = experts_module.low_rank_terms(x.float(), deltas, offsets, counts)
+    for got, want in zip(grouped, loop):
+        assert ((got.float() - want).norm() / want.norm()).item() < 2e-2

@@ -83,14 +83,27 @@ def grouped_linear(
     return torch.cat(chunks) if chunks else x.new_empty(0, weight.shape[1])
 
 
-def _low_rank(x: torch.Tensor, delta: LowRankDelta, offsets: torch.Tensor, counts: Sequence[int] | None) -> torch.Tensor:
-    down = delta.down.to(x.dtype)
-    up = delta.up.to(x.dtype)
-    if counts is None and down.shape[1] % 8 != 0:
+def low_rank_terms(
+    x: torch.Tensor, deltas: Sequence[LowRankDelta], offsets: torch.Tensor, counts: Sequence[int] | None
+) -> list[torch.Tensor]:
+    """scaling * (x @ down[e].T) @ up[e].T on the routed rows, for several low-rank deltas that share the input x.
+
+    All down projections run as one grouped GEMM (the gate and up LoRAs, w1 and v1, both read the routed tokens: x is
+    read once, and in backward one input-gradient GEMM replaces two plus an add). The scaling is folded into the
+    small up factor rather than applied to the (rows, out) result, which would cost a pass over it each way.
+    """
+    if not deltas:
+        return []
+    ranks = [delta.down.shape[1] for delta in deltas]
+    down = torch.cat([delta.down for delta in deltas], dim=1).to(x.dtype)  # (n_experts, sum of ranks, in): small
+    if counts is None and any(rank % 8 for rank in ranks):
         # grouped_mm needs 16-byte aligned inner dims; small odd ranks take the loop (cheap at rank r).
         counts = offsets.diff(prepend=offsets.new_zeros(1)).tolist()
     hidden = grouped_linear(x, down, offsets, counts)
-    return grouped_linear(hidden, up, offsets, counts) * delta.scaling
+    return [
+        grouped_linear(part, (delta.up * delta.scaling).to(x.dtype), offsets, counts)
+        for part, delta in zip(hidden.split(ranks, dim=1), deltas)
+    ]
 
 
 class DbrxGroupedExperts(nn.Module):
@@ -177,48 +190,94 @@ def run_experts(
     counts = None if use_grouped else routed.counts.tolist()
     lora_deltas = lora_deltas or {}
 
-    def project(name: str, inputs: torch.Tensor) -> torch.Tensor:
-        out = base_projection(name, inputs, routed.offsets, counts)
-        for delta in lora_deltas.get(name, ()):
-            out = out + _low_rank(inputs, delta, routed.offsets, counts)
-        return out
+    def project(names: Sequence[str], inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Projections `names` of the same inputs, each plus its LoRA terms (all LoRA down projections at once)."""
+        deltas = [(name, delta) for name in names for delta in lora_deltas.get(name, ())]
+        terms = low_rank_terms(inputs, [delta for _, delta in deltas], routed.offsets, counts)
+        outputs = []
+        for name in names:
+            out = base_projection(name, inputs, routed.offsets, counts)
+            for (owner, _), term in zip(deltas, terms):
+                if owner == name:
+                    out = out + term
+            outputs.append(out)
+        return outputs
 
-    sorted_x = x[routed.token_index]
-    hidden = module.activation_fn(project("w1", sorted_x)) * project("v1", sorted_x)
-    sorted_out = project("w2", hidden)
+    sorted_x = gather_sorted_rows(x, routed)
+    gate, up = project(("w1", "v1"), sorted_x)
+    (sorted_out,) = project(("w2",), module.activation_fn(gate) * up)
     return combine_expert_outputs(sorted_out, routed, top_k_weights).view(batch_size, -1, module.hidden_size)
 
 
 class RoutedTokens(NamedTuple):
-    """Token copies sorted by expert: `token_index[i]` is the token of sorted row i; `order` maps sorted rows back
-    to flat (token, slot) positions; `counts`/`offsets` are rows per expert and their int32 cumulative sum."""
+    """Token copies sorted by expert: `token_index[i]` is the token of sorted row i; `order` maps sorted rows to flat
+    (token, slot) positions and `row_of_slot` is its inverse; `counts`/`offsets` are rows per expert and their int32
+    cumulative sum. Both permutations are kept so every reordering, forward and backward, is a gather."""
 
     token_index: torch.Tensor
     order: torch.Tensor
+    row_of_slot: torch.Tensor
     counts: torch.Tensor
     offsets: torch.Tensor
 
 
 def route_tokens(top_k_index: torch.Tensor, num_experts: int) -> RoutedTokens:
-    """Sort the (tokens * top_k) token copies by expert without a host sync."""
+    """Sort the (tokens * top_k) token copies by expert, once per layer call."""
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
+    row_of_slot = torch.empty_like(order)
+    row_of_slot[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(flat, minlength=num_experts)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    return RoutedTokens(order // top_k_index.shape[-1], order, counts, offsets)
+    return RoutedTokens(order // top_k_index.shape[-1], order, row_of_slot, counts, offsets)
+
+
+class _GatherSortedRows(torch.autograd.Function):
+    """x[token_index] (each token once per routed slot). Backward gathers the gradient rows back into (token, slot)
+    order and sums each token's copies: autograd's own backward of a gather with repeats is an
+    `index_put_(accumulate=True)` scatter, slower and non-deterministic (atomic bf16 adds)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor, row_of_slot: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(row_of_slot)
+        ctx.top_k = row_of_slot.numel() // x.shape[0]
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad_sorted: torch.Tensor):
+        (row_of_slot,) = ctx.saved_tensors
+        per_slot = grad_sorted.index_select(0, row_of_slot)
+        return per_slot.view(-1, ctx.top_k, per_slot.shape[-1]).sum(dim=1), None, None
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[index] for a permutation `index`; backward gathers with the inverse permutation (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def gather_sorted_rows(x: torch.Tensor, routed: RoutedTokens) -> torch.Tensor:
+    """The routed token copies of x (tokens, d), sorted by expert: (tokens * top_k, d)."""
+    return _GatherSortedRows.apply(x, routed.token_index, routed.row_of_slot)
 
 
 def combine_expert_outputs(sorted_out: torch.Tensor, routed: RoutedTokens, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Weight expert outputs by the router, un-sort, and sum each token's top_k copies: (tokens, d_model).
+    """Un-sort expert outputs to (token, slot) order, weight by the router and sum each token's top_k: (tokens, d).
 
     Elementwise weighting and a sum over top_k: a batched (1 x k) @ (k x d) product per token is several times
     slower on GPUs (one tiny GEMM per token).
     """
-    sorted_weights = top_k_weights.reshape(-1)[routed.order].to(sorted_out.dtype)
-    weighted = sorted_out * sorted_weights.unsqueeze(-1)
-    per_slot = torch.empty_like(weighted)
-    per_slot[routed.order] = weighted
-    return per_slot.view(*top_k_weights.shape, -1).sum(dim=1)
+    per_slot = _PermuteRows.apply(sorted_out, routed.row_of_slot, routed.order)
+    per_slot = per_slot.view(*top_k_weights.shape, sorted_out.shape[-1])
+    return (per_slot * top_k_weights.unsqueeze(-1).to(sorted_out.dtype)).sum(dim=1)
 
 
 def to_grouped_layout(name: str, fused: torch.Tensor, num_experts: int) -> torch.Tensor:
