@@ -12,7 +12,9 @@ for experts, (n_experts, out_features, in_features):
 With this layout PEFT's `target_parameters` gives one LoRA per expert for all three projections with one
 convention, and a DeepSpeed AutoEP preset maps gate=w1, up=v1, down=w2 without per-weight transposes. The forward
 sorts token copies by expert and runs `torch._grouped_mm` (CUDA, compute capability 9.0+, bf16); elsewhere a
-per-expert loop over the same sorted tokens gives the same numbers, and one warning says so.
+per-expert loop over the same sorted tokens gives the same numbers, and one warning says so. The router weight of each
+token copy is applied inside the SwiGLU (the down projection is linear, so weighting its input equals weighting its
+output), and on CUDA the SwiGLU and its backward are one fused Triton kernel each (`dbrx_tune.modeling.swiglu`).
 
 Checkpoints keep DBRX's original names and shapes: a state-dict hook writes `mlp.w1/v1/w2` as (n_experts * ffn,
 d_model) and a load hook accepts them, so `save_pretrained` output loads into a stock `DbrxForCausalLM` and back.
@@ -28,6 +30,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts, DbrxFFN
+
+from dbrx_tune.modeling.swiglu import swiglu
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +209,10 @@ def run_experts(
 
     sorted_x = gather_sorted_rows(x, routed)
     gate, up = project(("w1", "v1"), sorted_x)
-    (sorted_out,) = project(("w2",), module.activation_fn(gate) * up)
-    return combine_expert_outputs(sorted_out, routed, top_k_weights).view(batch_size, -1, module.hidden_size)
+    row_weights = _PermuteRows.apply(top_k_weights.reshape(-1), routed.order, routed.row_of_slot)
+    (sorted_out,) = project(("w2",), swiglu(gate, up, module.activation_fn, row_weights))
+    combined = combine_expert_outputs(sorted_out, routed, top_k_weights.shape[-1])
+    return combined.view(batch_size, -1, module.hidden_size)
 
 
 class RoutedTokens(NamedTuple):
@@ -269,15 +275,14 @@ def gather_sorted_rows(x: torch.Tensor, routed: RoutedTokens) -> torch.Tensor:
     return _GatherSortedRows.apply(x, routed.token_index, routed.row_of_slot)
 
 
-def combine_expert_outputs(sorted_out: torch.Tensor, routed: RoutedTokens, top_k_weights: torch.Tensor) -> torch.Tensor:
-    """Un-sort expert outputs to (token, slot) order, weight by the router and sum each token's top_k: (tokens, d).
+def combine_expert_outputs(sorted_out: torch.Tensor, routed: RoutedTokens, top_k: int) -> torch.Tensor:
+    """Un-sort router-weighted expert outputs to (token, slot) order and sum each token's top_k: (tokens, d).
 
-    Elementwise weighting and a sum over top_k: a batched (1 x k) @ (k x d) product per token is several times
-    slower on GPUs (one tiny GEMM per token).
+    The router weights were already applied to the down projection's input by `swiglu`, on the wider (rows, ffn)
+    tensor but inside a pass that happens anyway, so this is one gather and one sum (no multiply pass either way).
     """
     per_slot = _PermuteRows.apply(sorted_out, routed.row_of_slot, routed.order)
-    per_slot = per_slot.view(*top_k_weights.shape, sorted_out.shape[-1])
-    return (per_slot * top_k_weights.unsqueeze(-1).to(sorted_out.dtype)).sum(dim=1)
+    return per_slot.view(-1, top_k, sorted_out.shape[-1]).sum(dim=1)
 
 
 def to_grouped_layout(name: str, fused: torch.Tensor, num_experts: int) -> torch.Tensor:
