@@ -250,11 +250,13 @@ def plan(recipe_values: dict[str, Any], shape: ModelShape, *, gpus: int, gpu_mem
         if method == "full" and stage < 3:
             optimizer = 12 * trainable / (n if stage >= 1 else 1)
         # ZeRO-3 working set: a gathered MoE block (all experts without EP, local experts with EP; a dense model's
-        # MLP) plus its gradient before reduce-scatter, and the prefetched next block.
+        # MLP) plus, when the experts train, its gradient before reduce-scatter. The next block is not prefetched
+        # whole: DeepSpeed's prefetch bucket ("auto": 0.9 * d_model^2 elements, 34M for DBRX) is a hundredth of
+        # a DBRX MoE block. Checked against measured peaks in bench/results/planner_check*.json.
         working = 0.0
         if stage == 3:
             gathered_experts = experts_layer * expert_bytes_per / ep
-            working = (2 + (1 if method == "full" else 0)) * gathered_experts
+            working = (1 + (1 if method == "full" else 0)) * gathered_experts
         tokens = seq * batch
         per_layer = activation_bytes_per_token_layer(shape) * tokens
         logits = 3 * 4 * tokens * shape.vocab  # fp32 logits, their gradient and the log-softmax
