@@ -1,8 +1,9 @@
 """YAML recipes -> typed argument dataclasses, with `--key value` overrides and errors that name the key.
 
 A recipe is one flat YAML mapping, in the style of alignment-handbook: every key is named exactly like a field
-of TRL's / transformers' argument dataclasses (`ModelConfig`, `ScriptArguments`, `SFTConfig`, ...) or of the
-few DBRX-specific fields added here. A stage script is launched as
+of TRL's / transformers' argument dataclasses (`ModelConfig`, `ScriptArguments`, `SFTConfig`, ...), of the
+few DBRX-specific fields added here, or of the vibe-check keys (`dbrx_tune.vibes.config.VibeArguments`, every
+stage). A stage script is launched as
 
     accelerate launch sft/train.py recipes/dbrx_sft.yaml --learning_rate 1e-5 --num_train_epochs 2
 
@@ -24,6 +25,8 @@ from typing import Any, Literal
 
 import yaml
 from trl import ModelConfig, ScriptArguments
+
+from dbrx_tune.vibes.config import VibeArguments
 
 
 class RecipeError(ValueError):
@@ -122,6 +125,7 @@ class Recipe:
     training: Any
     values: dict[str, Any]
     stage: Any = None
+    vibes: VibeArguments = field(default_factory=VibeArguments)  # vibe checks while training (dbrx_tune.vibes)
 
 
 def load_yaml_mapping(path: str) -> dict[str, Any]:
@@ -261,7 +265,8 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
     elif values.get("resume_from_checkpoint") is False:
         values["resume_from_checkpoint"] = None
 
-    classes = [ModelArguments, DataArguments, RunArguments, training_class] + ([extra_class] if extra_class else [])
+    classes = [ModelArguments, DataArguments, RunArguments, VibeArguments, training_class] + (
+        [extra_class] if extra_class else [])
     fields = _fields_by_class(classes)
     known = {name for class_fields in fields.values() for name in class_fields}
     unknown = sorted(set(values) - known)
@@ -301,4 +306,5 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
         training=instances[training_class],
         values=values,
         stage=instances[extra_class] if extra_class else None,
+        vibes=instances[VibeArguments],
     )

@@ -1,8 +1,9 @@
 """The life cycle every stage script shares: parse and check, build, train, save.
 
 Stage scripts (`sft/train.py`, `reward_models/train.py`, `rlhf/*.py`) stay a page long by calling these in order.
-Everything that can be checked without a model (recipe, output directory, dataset schema and lengths) is
-checked by `start_stage` / `load_stage_datasets` before any weights are loaded.
+Everything that can be checked without a model (recipe, output directory, vibe prompt file, dataset schema and
+lengths) is checked by `start_stage` / `load_stage_datasets` before any weights are loaded. `train_and_save`
+attaches the recipe's vibe checks (`dbrx_tune.vibes`) to the trainer, so every generating stage gets them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datasets
 import transformers
 import yaml
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer
+from trl import RewardConfig
 
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import check_lengths, validate_preference_dataset, validate_prompt_dataset, validate_sft_dataset
@@ -26,6 +28,9 @@ from dbrx_tune.modeling.loading import is_dbrx, load_model_config
 from dbrx_tune.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
+from dbrx_tune.vibes.callback import VibeCallback
+from dbrx_tune.vibes.check import VibeChecker
+from dbrx_tune.vibes.prompts import load_vibe_prompts
 
 logger = logging.getLogger("dbrx_tune")
 
@@ -63,9 +68,34 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         config = load_model_config(recipe.model)
         if args.deepspeed:
             check_parallelism(recipe, config)
+        check_vibe_settings(recipe, training_class)
     except (OutputDirError, ParallelConfigError, OSError, ValueError) as err:
         raise SystemExit(f"error: {recipe.path}: {err}") from None
     return recipe
+
+
+def check_vibe_settings(recipe: Recipe, training_class: type) -> None:
+    """Refuse vibe checks for a stage that cannot generate, and a prompt file with a bad row (named)."""
+    if not recipe.vibes.enabled:
+        return
+    if issubclass(training_class, RewardConfig):
+        raise ValueError("vibe_prompts: a reward model does not generate text; remove vibe_prompts from this recipe")
+    load_vibe_prompts(recipe.vibes.vibe_prompts)
+
+
+def build_vibe_checker(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, stage: str) -> VibeChecker | None:
+    """The recipe's vibe checker for a run of `stage` ("sft", "dpo", ...), or None when vibe checks are off."""
+    if not recipe.vibes.enabled:
+        return None
+    return VibeChecker(load_vibe_prompts(recipe.vibes.vibe_prompts), tokenizer, recipe.vibes,
+                       output_dir=recipe.training.output_dir, stage=stage)
+
+
+def add_vibe_checks(trainer: Trainer, recipe: Recipe, stage: str) -> None:
+    """Attach the recipe's vibe checks to a transformers/TRL trainer (nothing when `vibe_prompts` is unset)."""
+    checker = build_vibe_checker(recipe, trainer.processing_class, stage)
+    if checker is not None:
+        trainer.add_callback(VibeCallback(trainer, checker, recipe.vibes.vibe_steps))
 
 
 def check_parallelism(recipe: Recipe, config: PretrainedConfig) -> None:
@@ -141,7 +171,8 @@ def _load_and_validate(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizer
 
 def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
                    save_model: Callable[[Trainer, str], None] | None = None) -> dict:
-    """Train (resuming when asked), then save a plain HF checkpoint, the resolved recipe and the metrics.
+    """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint, the resolved
+    recipe and the metrics.
 
     `save_model(trainer, output_dir)` replaces the default `save_dbrx_checkpoint`, which writes DBRX's original
     names and layout also from ZeRO-3 partitioned or expert-parallel training.
@@ -149,6 +180,7 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
     args = trainer.args
     if trainer.is_world_process_zero():
         mark_output_dir(args.output_dir, stage, recipe.path)
+    add_vibe_checks(trainer, recipe, stage)
     resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(result.metrics)

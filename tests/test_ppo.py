@@ -4,6 +4,7 @@ bad input, and that a tiny DBRX policy learns to earn a rule reward with a bound
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -269,3 +270,30 @@ def test_training_resumes_from_a_checkpoint_at_the_saved_update(tmp_path, dbrx_t
     resumed.train()
     steps = [h["step"] for h in resumed.state["log_history"]]
     assert steps == [1, 2]  # update 1 restored from the checkpoint's history, only update 2 trained again
+
+
+def test_ppo_stage_answers_the_vibe_prompts_at_start_saves_and_end(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dbrx_tune.vibes.prompts import load_vibe_prompts
+    from dbrx_tune.vibes.schema import CATEGORY_METRIC, VIBES_FILE
+    from rlhf.ppo import main
+
+    out = tmp_path / "out"
+    # 2 updates of 4 prompts, a checkpoint after each; the tiny recipe has vibe checks on (at each save)
+    main([os.path.join(REPO_ROOT, "recipes/tiny/dbrx_ppo.yaml"), "--output_dir", str(out), "--report_to", "tensorboard",
+          "--per_device_train_batch_size", "4", "--num_mini_batches", "1", "--num_ppo_epochs", "1",
+          "--total_episodes", "8", "--max_train_samples", "8", "--save_steps", "1", "--response_length", "4",
+          "--vibe_max_new_tokens", "4"])
+    records = [json.loads(line) for line in (out / VIBES_FILE).read_text().splitlines()]
+    ids = [prompt.id for prompt in load_vibe_prompts("default")]
+    assert [(r["step"], r["prompt_id"]) for r in records] == [(step, i) for step in (0, 1, 2) for i in ids]
+    assert {(r["stage"], r["run"], r["error"]) for r in records} == {("ppo", "out", None)}
+    # scores and answers go to the trackers; the log history keeps the PPO updates only
+    accumulator = EventAccumulator(str(out / "runs" / "ppo"), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    for category, metric in CATEGORY_METRIC.items():
+        assert [event.step for event in accumulator.Scalars(f"vibes/{category}/{metric}")] == [0, 1, 2]
+    assert f"vibes/answers/{ids[0]}/text_summary" in accumulator.Tags()["tensors"]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history] == [1, 2]

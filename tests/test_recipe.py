@@ -91,11 +91,24 @@ def test_unknown_override_is_rejected_too(tmp_path):
         ("experts_implementation: fused\n", "key 'experts_implementation' expects 'grouped' | 'eager'"),
         ("eval_strategy: no\n", "quote the value"),
         ("per_device_train_batch_size: 2.5\n", "key 'per_device_train_batch_size' expects int"),
+        ("vibe_steps: often\n", "key 'vibe_steps' expects int"),
+        ("vibe_steps: 0\n", "invalid VibeArguments: vibe_steps must be >= 1"),
     ],
 )
 def test_wrong_types_name_the_key(tmp_path, line, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe([write(tmp_path, BASE + line)], SFTConfig)
+
+
+def test_vibe_keys_parse_for_every_stage_and_are_off_unless_set(tmp_path):
+    from dbrx_tune.ppo import PPOConfig
+
+    recipe = parse_recipe([write(tmp_path, BASE), "--vibe_prompts", "default", "--vibe_steps", "25"], SFTConfig)
+    assert recipe.vibes.enabled and (recipe.vibes.vibe_prompts, recipe.vibes.vibe_steps) == ("default", 25)
+    assert not parse_recipe([write(tmp_path, BASE)], DPOConfig).vibes.enabled
+    ppo = parse_recipe([write(tmp_path, BASE + "reward_function: rule:contains_answer\n"),
+                        "--vibe_prompts", "default", "--vibe_max_new_tokens", "8"], PPOConfig)
+    assert ppo.vibes.vibe_max_new_tokens == 8
 
 
 def test_malformed_yaml_names_the_file(tmp_path):

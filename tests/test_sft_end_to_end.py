@@ -1,4 +1,5 @@
-"""The tiny SFT recipe runs through `accelerate launch`, learns, saves a loadable checkpoint, and resumes."""
+"""The tiny SFT recipe runs through `accelerate launch`, learns, saves a loadable checkpoint, and resumes (its vibe
+checks too: the resumed run appends to vibes.jsonl)."""
 
 from __future__ import annotations
 
@@ -69,13 +70,24 @@ def test_output_is_plain_hf_checkpoint_that_generates(first_run):
     assert model.config.output_router_logits is False
 
 
+def vibe_lines(output_dir: str) -> list[str]:
+    with open(os.path.join(output_dir, "vibes.jsonl"), encoding="utf-8") as handle:
+        return handle.readlines()
+
+
 def test_resumed_run_continues_from_saved_step(first_run):
+    before = vibe_lines(first_run)
     result = launch_sft(first_run, "--max_steps", "35", "--resume_from_checkpoint", "latest")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = [step for step, _ in train_losses(first_run)]
     assert steps[-1] == 35
     # transformers reports the restored trainer state; a fresh start would say global step 0
     assert "Resuming training from checkpoint with epoch 0 and global step 30" in result.stdout + result.stderr
+    # vibe checks: baseline and each save of the first run kept, no second baseline, the new last step appended
+    after = vibe_lines(first_run)
+    assert after[:len(before)] == before
+    checked = [json.loads(line)["step"] for line in after]
+    assert sorted(set(checked[:len(before)])) == [0, 15, 30] and set(checked[len(before):]) == {35}
 
 
 def test_rerun_into_used_output_dir_without_resume_is_refused(first_run):

@@ -21,7 +21,8 @@ from dbrx_tune.ppo.rewards import check_reward_checkpoint, load_reward_model, lo
 from dbrx_tune.ppo.trainer import PPOTrainer
 from dbrx_tune.ppo.value_model import load_value_model
 from dbrx_tune.recipe import Recipe
-from dbrx_tune.stage import save_recipe
+from dbrx_tune.stage import build_vibe_checker, save_recipe
+from dbrx_tune.vibes.callback import PPOVibeCallback
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,15 @@ def build_ppo_models(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict
 
 
 def train_and_save_ppo(trainer: PPOTrainer, recipe: Recipe) -> dict[str, float]:
-    """Train (resuming when asked), then save the policy, value model, tokenizer, recipe and metrics."""
+    """Train (resuming when asked) with the recipe's vibe checks, then save the policy, value model, tokenizer,
+    recipe and metrics."""
     args = trainer.args
     main = trainer.accelerator.is_main_process
     if main:
         mark_output_dir(args.output_dir, "ppo", recipe.path)
+    checker = build_vibe_checker(recipe, trainer.processing_class, "ppo")
+    if checker is not None:
+        trainer.add_callback(PPOVibeCallback(checker, recipe.vibes.vibe_steps))
     metrics = trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint))
     trainer.save_model(args.output_dir)
     if main:

@@ -185,6 +185,7 @@ class PPOTrainer:
         self.aux_coef = float(getattr(self._unwrapped().policy.config, "router_aux_loss_coef", 0.0) or 0.0)
         self.state: dict[str, Any] = {"global_step": 0, "episode": 0, "max_steps": self.num_updates,
                                       "log_history": []}
+        self.callbacks: list[Any] = []
         self.accelerator.init_trackers("ppo", config={k: v for k, v in args.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
 
@@ -192,6 +193,20 @@ class PPOTrainer:
 
     def _unwrapped(self) -> PolicyAndValue:
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def policy(self) -> PreTrainedModel:
+        """The trained policy module (a PeftModel with LoRA; partitioned, not gathered, under ZeRO-3)."""
+        return self._unwrapped().policy
+
+    def add_callback(self, callback: Any) -> None:
+        """Register an object whose `on_train_begin`, `on_update_end`, `on_save` and `on_train_end` methods are
+        called with this trainer (e.g. `dbrx_tune.vibes.callback.PPOVibeCallback`), on every rank."""
+        self.callbacks.append(callback)
+
+    def _call_callbacks(self, event: str) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self)
 
     def _stop_token_ids(self, model: PreTrainedModel) -> list[int]:
         if self.args.stop_token is None:
@@ -415,6 +430,7 @@ class PPOTrainer:
                     self.num_updates, self.batch_size, args.local_batch_size,
                     args.num_ppo_epochs * args.num_mini_batches)
         metrics: dict[str, float] = {}
+        self._call_callbacks("on_train_begin")
         while self.state["global_step"] < self.num_updates:
             start = time.perf_counter()
             data = self.rollout(next(batches))
@@ -431,8 +447,10 @@ class PPOTrainer:
                 metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if step % max(1, int(args.logging_steps)) == 0 or step == self.num_updates:
                 self.log(metrics, step)
+            self._call_callbacks("on_update_end")
             if args.save_strategy == "steps" and args.save_steps and step % int(args.save_steps) == 0:
                 self._save_checkpoint(step)
+        self._call_callbacks("on_train_end")
         return metrics
 
     def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -465,6 +483,7 @@ class PPOTrainer:
             for stale in checkpoints[:-self.args.save_total_limit]:
                 shutil.rmtree(os.path.join(self.args.output_dir, stale))
         logger.info("saved checkpoint %s", directory)
+        self._call_callbacks("on_save")
 
     def _load_checkpoint(self, directory: str) -> None:
         state_file = os.path.join(directory, TRAINER_STATE_NAME)
