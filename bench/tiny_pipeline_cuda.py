@@ -4,7 +4,8 @@
 
 Runs `scripts/tiny_pipeline.sh` with `--use_cpu false --bf16 true --dtype bfloat16` (grouped experts then take
 the `torch._grouped_mm` path), then records, per stage, the first and last logged training loss, the final
-metrics and the wall time that the trainers report.
+metrics, the wall time that the trainers report and the vibe checks (how many, generation errors, last scores);
+`--vibes-report PATH` also writes the vibe-check page of the generating stages.
 """
 
 from __future__ import annotations
@@ -20,7 +21,24 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
 STAGES = ("sft", "rm", "dpo", "orpo", "ppo")
+GENERATING_STAGES = ("sft", "dpo", "orpo", "ppo")
+
+
+def vibes_summary(stage_dir: str) -> dict | None:
+    """Checks run, answers that failed to generate, and the last check's score per category; None without vibes."""
+    from dbrx_tune.vibes.report import load_runs, score_curves
+    from dbrx_tune.vibes.schema import VIBES_FILE
+
+    if not os.path.exists(os.path.join(stage_dir, VIBES_FILE)):
+        return None
+    (run,) = load_runs([stage_dir])
+    curves = score_curves([run])
+    return {"checks_at_steps": run.steps, "answers": len(run.records),
+            "generation_errors": sum(record.error is not None for record in run.records),
+            "last_scores": {category: points[run.name][-1][1] for category, points in curves.items()
+                            if points.get(run.name)}}
 
 
 def stage_summary(stage_dir: str) -> dict:
@@ -33,6 +51,9 @@ def stage_summary(stage_dir: str) -> dict:
                "logged_steps": len(losses)}
     keep = ("train_runtime", "eval_accuracy", "eval_rewards/margins", "eval_rewards/accuracies", "eval_loss")
     summary.update({key: results[key] for key in keep if key in results})
+    vibes = vibes_summary(stage_dir)
+    if vibes is not None:
+        summary["vibes"] = vibes
     ppo = [entry for entry in history if "objective/scores" in entry]
     if ppo:
         summary.update({"first_score": ppo[0]["objective/scores"], "last_score": ppo[-1]["objective/scores"],
@@ -43,6 +64,7 @@ def stage_summary(stage_dir: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=os.path.join(REPO_ROOT, "bench", "results", "tiny_pipeline_cuda.json"))
+    parser.add_argument("--vibes-report", help="also write the vibe-check page of the generating stages here")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="tiny_pipeline_")
     start = time.perf_counter()
@@ -65,6 +87,10 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=2)
+    if args.vibes_report:
+        from dbrx_tune.vibes.report import write_report
+
+        write_report([os.path.join(root, stage) for stage in GENERATING_STAGES], output=args.vibes_report)
     for stage, summary in result["stages"].items():
         print(f"{stage:5s} loss {summary['first_loss']} -> {summary['last_loss']}  runtime {summary.get('train_runtime')}")
 
