@@ -17,7 +17,7 @@ from collections.abc import Callable
 import datasets
 import transformers
 import yaml
-from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer, set_seed
 from trl import RewardConfig
 
 from dbrx_tune.data import load_splits
@@ -61,6 +61,9 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         raise SystemExit(f"error: {err}") from None
     args = recipe.training
     setup_logging(args.process_index == 0)
+    # Seed before anything is built: a random-init model (tiny recipes, benchmarks) gets the same weights on every
+    # run of the recipe; the trainers only seed later, in their constructors.
+    set_seed(args.seed)
     try:
         check_output_dir(
             args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
