@@ -339,6 +339,33 @@ def _measure_sft(device: str, result_path: str, argv: list[str]) -> None:
         json.dump({**metrics, "peak_memory_mb": peak / 2**20, "memory_measure": measure}, handle)
 
 
+def vibe_check_trained(runs: dict[str, str], device: str, max_new_tokens: int = 16) -> str:
+    """Answer the bundled vibe prompts once with each trained model, as the vibe check at its last step would, and
+    write the page that compares them (`python -m dbrx_tune.vibes` does the same); returns the page's path.
+
+    The timed runs have vibe checks off (see `run_sft`), so this check runs after training, from the saved models.
+    """
+    from dbrx_tune.modeling.loading import load_causal_lm
+    from dbrx_tune.tokenizer import load_tokenizer
+    from dbrx_tune.vibes.check import VibeChecker
+    from dbrx_tune.vibes.config import VibeArguments
+    from dbrx_tune.vibes.prompts import load_vibe_prompts
+    from dbrx_tune.vibes.report import write_report
+
+    settings = VibeArguments(vibe_prompts="default", vibe_max_new_tokens=max_new_tokens)
+    prompts = load_vibe_prompts(settings.vibe_prompts)
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    for output_dir in runs.values():
+        tokenizer = load_tokenizer(output_dir)
+        model = load_causal_lm(ModelArguments(model_name_or_path=output_dir, dtype=dtype), tokenizer).to(device)
+        with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
+            step = json.load(handle)["global_step"]
+        VibeChecker(prompts, tokenizer, settings, output_dir, stage="sft").run(model, step, is_main=True,
+                                                                              every_rank=False)
+    page = os.path.join(os.path.dirname(next(iter(runs.values()))), "vibes.html")
+    return str(write_report(list(runs.values()), output=page))
+
+
 def lm_losses(output_dir: str) -> tuple[dict[int, float], float | None]:
     """(step -> training LM loss, eval LM loss) of a finished run, from its trainer_state.json and config.json.
 

@@ -177,3 +177,15 @@ def test_notebook_measures_both_tiny_runs_side_by_side(executed):
         assert math.isfinite(run["eval_loss"]), name
     dbrx_active, llama_active = runs["DBRX"]["active_params"], runs["Llama 2"]["active_params"]
     assert llama_active == pytest.approx(dbrx_active, rel=0.01)  # the twins are matched on active parameters
+
+
+def test_notebook_shows_both_models_answering_every_vibe_prompt(executed):
+    notebook, summary = executed
+    from dbrx_tune.vibes.prompts import load_vibe_prompts
+
+    n_prompts = len(load_vibe_prompts("default"))
+    assert set(summary["vibes"]) == {"dbrx", "llama2"}
+    for name, vibes in summary["vibes"].items():
+        assert len(vibes["steps"]) == 1 and vibes["answers"] == n_prompts and vibes["errors"] == 0, name
+    page = "".join(out.get("data", {}).get("text/html", "") for out in _tagged(notebook, "vibes").outputs)
+    assert "<iframe srcdoc=" in page and "Vibe checks" in page
