@@ -90,7 +90,12 @@ def worker(args) -> None:
     data = torch.randint(2, 100000, (micro_steps, world, args.seq), generator=generator)
     losses, step_times, split = [], [], {"forward": 0.0, "backward": 0.0, "step": 0.0}
     torch.cuda.reset_peak_memory_stats()
+    profiler = None
     for step in range(args.steps):
+        if args.profile and step == args.warmup:  # the first timed optimizer step, on every rank
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+            profiler.start()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for micro in range(args.grad_accum):
@@ -109,6 +114,12 @@ def worker(args) -> None:
         step_times.append(time.perf_counter() - start)
         if step + 1 == args.warmup:
             split = dict.fromkeys(split, 0.0)
+        if profiler is not None and step == args.warmup:
+            profiler.stop()
+            if rank == 0:
+                with open(args.profile, "w", encoding="utf-8") as handle:
+                    handle.write(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+            profiler = None
     peak = torch.tensor(torch.cuda.max_memory_allocated() / 1024**3, device="cuda")
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     timed = step_times[args.warmup:]
@@ -187,6 +198,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", help="worker only: write rank 0's kernel table of the first timed step here")
     args = parser.parse_args()
     if args.mode:
         return worker(args)
