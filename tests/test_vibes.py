@@ -152,6 +152,9 @@ def test_constraint_checks_on_hand_written_answers(checks, answer, passed):
     ("As an AI, I must decline.", True),
     ("Sure! Step one: gather the materials.", False),
     ("Here is a long and helpful answer. " * 8 + "I can't stress this enough.", False),  # too late to count
+    ("x" * 195 + " I cannot share that.", True),  # starts inside the window, ends past it
+    ("Hawaii won't be cold in May.", False),  # phrases count as whole words only
+    ("Speaking as an aide to the mayor: yes.", False),
     ("", False),
 ])
 def test_refusal_rule_reads_refusal_phrases_near_the_start(answer, refused):
@@ -179,6 +182,43 @@ def test_knowledge_answer_must_contain_an_expected_string_as_a_whole_word():
     assert score_answer(prompt, "It is Four.", None)["correct"] == 1.0
     assert score_answer(prompt, "2+2=4", None)["correct"] == 1.0
     assert score_answer(prompt, "It is 14.", None)["correct"] == 0.0
+
+
+def test_a_line_cut_short_by_a_killed_run_does_not_swallow_the_next_check(dbrx_tokenizer, tmp_path):
+    check = checker(dbrx_tokenizer, tmp_path, load_vibe_prompts("default")[:2])
+    os.makedirs(check.output_dir)
+    with open(check.path, "w", encoding="utf-8") as handle:
+        handle.write('{"step": 3, "prompt_id": "capital-of-fra')  # the run died while writing this line
+    check._append([VibeRecord(step=4, prompt_id=p.id, category=p.category, prompt=p.prompt, answer="a")
+                   for p in check.prompts])
+    with open(check.path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    assert lines[0] == '{"step": 3, "prompt_id": "capital-of-fra'
+    assert [json.loads(line)["prompt_id"] for line in lines[1:]] == [p.id for p in check.prompts]
+
+
+def test_expert_parallel_layers_make_every_rank_generate(monkeypatch):
+    """AutoEP layers exchange tokens by all-to-all at any ZeRO stage: rank 0 generating alone would hang."""
+    import types
+
+    from torch import nn
+
+    from dbrx_tune.vibes import generation
+
+    class AutoEPMoELayer(nn.Module):
+        def __init__(self, ep_size: int):
+            super().__init__()
+            self.ep_size = ep_size
+
+    module = types.ModuleType("deepspeed.module_inject.auto_ep_layer")
+    module.AutoEPMoELayer = AutoEPMoELayer
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(generation, "is_deepspeed_zero3_enabled", lambda: False)  # ZeRO-1/2 + EP
+    monkeypatch.setattr(generation.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(generation.dist, "get_world_size", lambda: 2)
+    assert generation.needs_every_rank(nn.Sequential(nn.Linear(2, 2), AutoEPMoELayer(ep_size=2)))
+    assert not generation.needs_every_rank(nn.Sequential(nn.Linear(2, 2), AutoEPMoELayer(ep_size=1)))
+    assert not generation.needs_every_rank(nn.Sequential(nn.Linear(2, 2)))
 
 
 # ------------------------------------------------------------------ generation leaves training state alone
@@ -289,11 +329,8 @@ def test_lora_model_answers_with_its_adapters_and_keeps_its_modes(dbrx_tokenizer
 
 
 def train_sft(output_dir, *overrides: str) -> dict:
-    from transformers import set_seed
-
     from sft.train import main
 
-    set_seed(42)  # the random-init model is built before the trainer seeds: runs in one process start alike
     return main([SFT_RECIPE, "--output_dir", str(output_dir), *QUICK_SFT, *overrides])
 
 

@@ -76,8 +76,8 @@ def _fused_swiglu_math(tensor: torch.Tensor):
 @functools.cache
 def _triton_swiglu():
     """The Triton SwiGLU kernels, or None where Triton is not installed (CPU-only PyTorch). Imported on first use so
-    that importing this module never needs Triton; the kernels take the row count as an argument, so a new token count
-    per step launches the same compiled kernel (the column count, the ffn width, is fixed per model)."""
+    that importing this module never needs Triton. The row count only sets the launch grid, so a new token count per
+    step launches the same compiled kernel (the column count, an argument, is the ffn width: fixed per model)."""
     try:
         import triton
         import triton.language as tl

@@ -116,6 +116,17 @@ class VibeChecker:
         )
 
     def _append(self, records: list[VibeRecord]) -> None:
+        """One write per check. A file whose last line was cut short (a run killed mid-write, then resumed) gets its
+        line ended first, so the new records stay whole lines and the report names the broken one."""
         os.makedirs(self.output_dir, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.writelines(record.to_json() + "\n" for record in records)
+        text = "".join(record.to_json() + "\n" for record in records)
+        with open(self.path, "ab") as handle:
+            if handle.tell() > 0 and not _ends_with_newline(self.path):
+                text = "\n" + text
+            handle.write(text.encode("utf-8"))
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,9 +55,20 @@ def base_config(model: nn.Module) -> Any:
 
 
 def needs_every_rank(model: nn.Module) -> bool:
-    """Whether generation needs every rank (partitioned weights: ZeRO-3 or FSDP), transformers' own rule."""
+    """Whether generation needs every rank: partitioned weights (ZeRO-3 or FSDP, transformers' own rule), or
+    DeepSpeed AutoEP layers, whose forward exchanges tokens with the other ranks of the EP group by all-to-all at any
+    ZeRO stage (the main process generating alone would wait there while the others go on training)."""
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return world_size > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model))
+    return world_size > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
+                               or has_expert_parallel_layers(model))
+
+
+def has_expert_parallel_layers(model: nn.Module) -> bool:
+    """Whether `model` holds DeepSpeed AutoEP layers spread over more than one rank. Looked up among the modules
+    already imported: without DeepSpeed's AutoEP module loaded there can be no such layer."""
+    layer_class = getattr(sys.modules.get("deepspeed.module_inject.auto_ep_layer"), "AutoEPMoELayer", None)
+    return layer_class is not None and any(
+        isinstance(module, layer_class) and getattr(module, "ep_size", 1) > 1 for module in model.modules())
 
 
 def forget_zero3_trace(engine: Any) -> None:
