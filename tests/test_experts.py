@@ -210,7 +210,7 @@ def test_gather_backward_sums_each_tokens_copies_like_indexing():
     routed = experts_module.route_tokens(top_k_index, num_experts=4)
     x = torch.randn(5, 8, requires_grad=True)
     grad = torch.randn(10, 8)
-    ours = experts_module.gather_sorted_rows(x, routed)
+    ours = experts_module.gather_sorted_rows(x, routed, top_k=2)
     (dx,) = torch.autograd.grad(ours, x, grad)
     reference = x[routed.token_index]
     (dx_ref,) = torch.autograd.grad(reference, x, grad)
@@ -281,7 +281,7 @@ def test_experts_with_the_fused_function_match_eager_under_checkpointing_and_lor
     weights, index = _routing(12, ffn_config)
     x = torch.randn(2, 6, d)
     grad_out = torch.randn(2, 6, d)
-    trainable = [module.w1, module.w2] + [t for deltas in lora.values() for delta in deltas for t in delta[:2]]
+    trainable = [module.w1, module.v1, module.w2] + [t for deltas in lora.values() for delta in deltas for t in delta[:2]]
 
     def run(fused: bool):
         monkeypatch.setattr(
@@ -314,3 +314,19 @@ def test_fused_swiglu_kernels_match_eager_on_gpu(dtype, rows):
         assert tensor.dtype == dtype and tensor.shape == ref.shape
         if rows:
             assert ((tensor.double() - ref).norm() / ref.norm()).item() < tolerance
+
+
+def test_grouped_experts_accept_a_batch_without_tokens():
+    """An empty micro-batch (e.g. a rank's share of a short last batch) goes through forward and backward."""
+    config = tiny_dbrx_config()
+    module = DbrxGroupedExperts(config.ffn_config)
+    for weight in (module.w1, module.v1, module.w2):
+        torch.nn.init.normal_(weight)
+    x = torch.randn(1, 0, config.d_model, requires_grad=True)
+    top_k = config.ffn_config.moe_top_k
+    top_k_index = torch.zeros(0, top_k, dtype=torch.long)
+    top_k_weights = torch.zeros(0, top_k)
+    out = module(x, top_k_index, top_k_weights)
+    assert out.shape == (1, 0, config.d_model)
+    out.sum().backward()
+    assert x.grad.shape == x.shape

@@ -207,7 +207,7 @@ def run_experts(
             outputs.append(out)
         return outputs
 
-    sorted_x = gather_sorted_rows(x, routed)
+    sorted_x = gather_sorted_rows(x, routed, top_k_weights.shape[-1])
     gate, up = project(("w1", "v1"), sorted_x)
     row_weights = _PermuteRows.apply(top_k_weights.reshape(-1), routed.order, routed.row_of_slot)
     (sorted_out,) = project(("w2",), swiglu(gate, up, module.activation_fn, row_weights))
@@ -244,16 +244,16 @@ class _GatherSortedRows(torch.autograd.Function):
     `index_put_(accumulate=True)` scatter, slower and non-deterministic (atomic bf16 adds)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor, row_of_slot: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, token_index: torch.Tensor, row_of_slot: torch.Tensor, top_k: int) -> torch.Tensor:
         ctx.save_for_backward(row_of_slot)
-        ctx.top_k = row_of_slot.numel() // x.shape[0]
+        ctx.top_k = top_k
         return x.index_select(0, token_index)
 
     @staticmethod
     def backward(ctx, grad_sorted: torch.Tensor):
         (row_of_slot,) = ctx.saved_tensors
         per_slot = grad_sorted.index_select(0, row_of_slot)
-        return per_slot.view(-1, ctx.top_k, per_slot.shape[-1]).sum(dim=1), None, None
+        return per_slot.view(-1, ctx.top_k, per_slot.shape[-1]).sum(dim=1), None, None, None
 
 
 class _PermuteRows(torch.autograd.Function):
@@ -270,9 +270,9 @@ class _PermuteRows(torch.autograd.Function):
         return grad.index_select(0, inverse), None, None
 
 
-def gather_sorted_rows(x: torch.Tensor, routed: RoutedTokens) -> torch.Tensor:
+def gather_sorted_rows(x: torch.Tensor, routed: RoutedTokens, top_k: int) -> torch.Tensor:
     """The routed token copies of x (tokens, d), sorted by expert: (tokens * top_k, d)."""
-    return _GatherSortedRows.apply(x, routed.token_index, routed.row_of_slot)
+    return _GatherSortedRows.apply(x, routed.token_index, routed.row_of_slot, top_k)
 
 
 def combine_expert_outputs(sorted_out: torch.Tensor, routed: RoutedTokens, top_k: int) -> torch.Tensor:
