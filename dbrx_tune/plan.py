@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-GIB = 1024**3
+GIB = 1024**3  # all `*_gb` figures are GiB (2^30 bytes), like torch.cuda's memory numbers and GPU datasheets
 FRAMEWORK_OVERHEAD_GB = 1.5  # CUDA/NCCL workspaces and allocator slack seen by max_memory_allocated
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit values + one fp32 scale per block of 64 (bitsandbytes NF4)
 NF4_NESTED_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # scales quantized to 8 bits, one fp32 per 256 blocks
@@ -149,13 +149,11 @@ def model_shape(name_or_path: str) -> ModelShape:
     """The shape of a model: a known hub id, or a local/hub config.json (DBRX, or a dense Llama-style config)."""
     if not os.path.isdir(name_or_path) and name_or_path in KNOWN_CONFIGS:
         return ModelShape(**KNOWN_CONFIGS[name_or_path])
-    from dbrx_tune.modeling.config import load_dbrx_config
+    from dbrx_tune.modeling.config import NotDbrxConfigError, load_dbrx_config
 
     try:
         config = load_dbrx_config(name_or_path)
-    except ValueError as not_dbrx:
-        if "expected 'dbrx'" not in str(not_dbrx):
-            raise
+    except NotDbrxConfigError:
         return dense_shape(name_or_path)
     ffn = config.ffn_config
     return ModelShape(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
@@ -245,7 +243,8 @@ def plan(recipe_values: dict[str, Any], shape: ModelShape, *, gpus: int, gpu_mem
 
     def per_gpu(n: int) -> dict[str, float]:
         params = weight_bytes / (n if stage == 3 and not offload_par else 1) * (0 if offload_par else 1)
-        grads = 2 * trainable / (n if stage >= 2 else 1)
+        # bf16 gradients in full fine-tuning; PEFT keeps adapters (and so their gradients) in fp32
+        grads = (2 if method == "full" else 4) * trainable / (n if stage >= 2 else 1)
         optimizer = 0 if offload_opt else 12 * trainable / (n if stage >= 1 else 1)
         if method == "full" and stage < 3:
             optimizer = 12 * trainable / (n if stage >= 1 else 1)
@@ -325,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbrx_tune.plan", description=__doc__.split("\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80: H100)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0,
+                        help="GiB per GPU (default 80: an H100 80GB has 79.6 GiB); the plan's figures are GiB too")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.gpu_memory <= 0:

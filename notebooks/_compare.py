@@ -308,7 +308,7 @@ def run_sft(recipe: str, model_dir: str, output_dir: str, size: str, device: str
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     if device == "cuda":
         env.setdefault("CUDA_VISIBLE_DEVICES", "0")  # one process, one GPU: TRL refuses nn.DataParallel over several
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"sft/train.py {recipe} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     with open(result_path, encoding="utf-8") as handle:

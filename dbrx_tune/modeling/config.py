@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from transformers import AutoConfig, DbrxConfig
+from transformers import AutoConfig, DbrxConfig, PretrainedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,15 @@ def fix_rope_parameters(config: DbrxConfig) -> DbrxConfig:
     return config
 
 
+class NotDbrxConfigError(ValueError):
+    """The config loaded but is not a DBRX config. Callers that also accept dense models catch this one error (rather
+    than any ValueError) and reuse `config` instead of loading it again."""
+
+    def __init__(self, message: str, config: PretrainedConfig):
+        super().__init__(message)
+        self.config = config
+
+
 def load_dbrx_config(model_name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
                      **overrides) -> DbrxConfig:
     """Load a DBRX config from a hub id or a local directory and correct its RoPE base.
@@ -53,7 +62,7 @@ def load_dbrx_config(model_name_or_path: str, *, revision: str | None = None, tr
             f"as a hub id ({err.__class__.__name__}: {str(err).splitlines()[0]})"
         ) from err
     if not isinstance(config, DbrxConfig):
-        raise ValueError(f"{model_name_or_path}: model_type is {config.model_type!r}, expected 'dbrx'")
+        raise NotDbrxConfigError(f"{model_name_or_path}: model_type is {config.model_type!r}, expected 'dbrx'", config)
     return fix_rope_parameters(config)
 
 

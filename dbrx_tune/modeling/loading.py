@@ -14,7 +14,6 @@ import logging
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     DbrxConfig,
@@ -25,7 +24,7 @@ from transformers import (
 )
 
 from dbrx_tune.distributed import apply_experts_implementation, prepare_for_deepspeed
-from dbrx_tune.modeling.config import load_dbrx_config
+from dbrx_tune.modeling.config import NotDbrxConfigError, load_dbrx_config
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
@@ -70,12 +69,10 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     kwargs = {"revision": model_args.model_revision, "trust_remote_code": model_args.trust_remote_code}
     try:
         config = load_dbrx_config(path, **kwargs)
-    except ValueError as not_dbrx:
-        if "expected 'dbrx'" not in str(not_dbrx):
-            raise
+    except NotDbrxConfigError as not_dbrx:
         if model_args.moe_loss_weight:
             raise ValueError(f"{path}: moe_loss_weight is set but the model is not a DBRX MoE model") from None
-        return AutoConfig.from_pretrained(path, **kwargs)
+        return not_dbrx.config
     return sync_moe_config(config, model_args.moe_loss_weight)
 
 
