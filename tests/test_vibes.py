@@ -452,9 +452,15 @@ def _zero3_worker(argv: list[str]) -> None:
     main(argv)
 
 
-def test_zero3_sft_on_two_processes_answers_every_prompt_once_per_check(tmp_path):
+EXPERT_PARALLEL = {"expert_parallel": {"enabled": True, "autoep_size": 2, "preset_model": "dbrx"}}
+
+
+@pytest.mark.parametrize("ds_extra, port_offset", [({}, 37), (EXPERT_PARALLEL, 53)], ids=["zero3", "zero3_ep2"])
+def test_zero3_sft_on_two_processes_answers_every_prompt_once_per_check(tmp_path, ds_extra, port_offset):
+    """ZeRO-3 (every rank generates with partitioned weights) and ZeRO-3 + AutoEP, the default of recipes/dbrx_sft.yaml
+    (every rank generates: the experts' all-to-all needs both)."""
     ds_config = tmp_path / "zero3.json"
-    ds_config.write_text(json.dumps(ZERO3))
+    ds_config.write_text(json.dumps({**ZERO3, **ds_extra}))
     out = tmp_path / "out"
     argv = [SFT_RECIPE, "--deepspeed", str(ds_config), "--output_dir", str(out), *QUICK_SFT,
             "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_strategy", "no",
@@ -462,7 +468,7 @@ def test_zero3_sft_on_two_processes_answers_every_prompt_once_per_check(tmp_path
             "--vibe_steps", "1", "--vibe_batch_size", "8"]  # 18 prompts: batches of 8, 8, 2
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000 + 37), __file__, *argv]
+               str(29500 + os.getpid() % 1000 + port_offset), __file__, *argv]
     try:
         result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as err:
