@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,31 +18,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from gloo_ranks import REPO_ROOT, VOCAB, build_model, launch_two_ranks, start_gloo_deepspeed
+
 sys.path.insert(0, REPO_ROOT)
 
 STEPS = 2
 MICRO_BATCH = 2
 SEQ = 16
-VOCAB = 512
-
-
-def tiny_config():
-    from dbrx_tune.modeling.config import tiny_dbrx_config
-    from dbrx_tune.modeling.moe_loss import sync_moe_config
-
-    config = tiny_dbrx_config(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    config.ffn_config.moe_jitter_eps = None  # the stock router's in-place jitter breaks ZeRO-3's hooked inputs
-    return sync_moe_config(config)
-
-
-def build_model():
-    from transformers import DbrxForCausalLM
-
-    from dbrx_tune.modeling.experts import set_experts_implementation
-
-    torch.manual_seed(0)
-    return set_experts_implementation(DbrxForCausalLM(tiny_config()), "grouped")
 
 
 def eval_ids() -> torch.Tensor:
@@ -88,14 +69,9 @@ def _train_with_trainer(ds_config: dict, output_dir: str):
 
 def _worker(out_dir: str) -> None:
     """Both runs of one 2-process job: AutoEP EP=2 under ZeRO-3, then ZeRO-3 without EP."""
-    import deepspeed
-    import deepspeed.ops
-
     from dbrx_tune.autoep_checkpoint import consolidated_dbrx_state_dict, has_autoep_layers, save_dbrx_checkpoint
 
-    # The shared-memory allreduce kernel is a JIT C++ build (minutes on 2 cores); plain gloo is enough here.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_gloo_deepspeed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     base_config = {
         "train_micro_batch_size_per_gpu": "auto",
@@ -155,14 +131,7 @@ def _save(engine, state_dict, logits: torch.Tensor, directory: str, rank: int) -
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("autoep_save")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000 + 13), __file__, str(out_dir)]
-    try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=150)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"2-rank AutoEP save run hung (timeout): {str(err.stderr)[-3000:]}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    launch_two_ranks(__file__, [str(out_dir)], port_offset=13, timeout=150, what="AutoEP save run")
     report = json.loads((out_dir / "report.json").read_text())
     return out_dir, report
 

@@ -14,34 +14,13 @@ import sys
 import pytest
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from gloo_ranks import REPO_ROOT, VOCAB, build_model, launch_two_ranks, start_gloo_deepspeed, tiny_config
+
 sys.path.insert(0, REPO_ROOT)
 
 STEPS = 3
 MICRO_BATCH = 2
 SEQ = 16
-VOCAB = 512
-
-
-def tiny_config():
-    from dbrx_tune.modeling.config import tiny_dbrx_config
-    from dbrx_tune.modeling.moe_loss import sync_moe_config
-
-    config = tiny_dbrx_config(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-    # transformers' DbrxRouter jitters its input in place whenever moe_jitter_eps is not None (even 0.0), which
-    # autograd forbids on ZeRO-3's hooked module inputs; None switches the jitter off.
-    config.ffn_config.moe_jitter_eps = None
-    return sync_moe_config(config)
-
-
-def build_model():
-    from transformers import DbrxForCausalLM
-
-    from dbrx_tune.modeling.experts import set_experts_implementation
-
-    torch.manual_seed(0)
-    model = DbrxForCausalLM(tiny_config())
-    return set_experts_implementation(model, "grouped")
 
 
 def batches(world_size: int) -> torch.Tensor:
@@ -66,15 +45,12 @@ def single_process_losses(world_size: int) -> list[float]:
 def _worker(mode: str, out_path: str) -> None:
     """One rank of a 2-process ZeRO-3 run; mode 'leaf' (no EP) or 'ep' (AutoEP, EP=2)."""
     import deepspeed
-    import deepspeed.ops
     from transformers import DbrxForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     from dbrx_tune.distributed import apply_experts_implementation, prepare_for_deepspeed
 
-    # The shared-memory allreduce kernel is a JIT C++ build (minutes on 2 cores); plain gloo is enough here.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_gloo_deepspeed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     ds_config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
@@ -133,14 +109,7 @@ def _worker(mode: str, out_path: str) -> None:
 
 def run_two_ranks(mode: str, tmp_path) -> dict:
     out = tmp_path / f"{mode}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000 + (7 if mode == "ep" else 0)), __file__, mode, str(out)]
-    try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=150)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"2-rank {mode} run hung (timeout): {str(err.stderr)[-3000:]}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    launch_two_ranks(__file__, [mode, str(out)], port_offset=7 if mode == "ep" else 0, timeout=150, what=f"{mode} run")
     return json.loads(out.read_text())
 
 

@@ -12,42 +12,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from gloo_ranks import REPO_ROOT, WORLD, ZERO3_AUTO, launch_two_ranks, start_gloo_deepspeed
+
 sys.path.insert(0, REPO_ROOT)
 
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_ppo.yaml")
-WORLD = 2
 UPDATES = 2
 PROMPTS_PER_RANK = 2
 LEARNING_RATE = 3e-3
-ZERO3 = {
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-}
 N_EXPERTS, FFN, D_MODEL = 4, 128, 64  # recipes/tiny/dbrx-tiny
 
 
 def _worker(argv: list[str]) -> None:
-    import deepspeed
-    import deepspeed.ops
-
     from rlhf.ppo import main
 
-    # The shared-memory allreduce kernel is a JIT C++ build (minutes on 2 cores); plain gloo is enough here.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    # With use_cpu, accelerate starts torch.distributed but not DeepSpeed's communicator, whose world size zero.Init
-    # reads for its batch-size check before starting it; on GPUs accelerate starts it itself.
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_gloo_deepspeed()
     main(argv)
 
 
@@ -56,7 +41,7 @@ def ppo_run(tmp_path_factory):
     """(output_dir, stdout) of one 2-process ZeRO-3 run: 2 updates of 2 prompts per rank, 4-token responses."""
     work = tmp_path_factory.mktemp("ppo_zero3")
     ds_config = work / "zero3.json"
-    ds_config.write_text(json.dumps(ZERO3))
+    ds_config.write_text(json.dumps(ZERO3_AUTO))
     out = work / "out"
     recipe_args = [
         RECIPE, "--deepspeed", str(ds_config), "--use_cpu", "true", "--output_dir", str(out), "--report_to", "none",
@@ -66,14 +51,7 @@ def ppo_run(tmp_path_factory):
         "--total_episodes", str(UPDATES * PROMPTS_PER_RANK * WORLD), "--max_train_samples", "8",
         "--learning_rate", str(LEARNING_RATE),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-               str(29500 + os.getpid() % 1000 + 21), __file__, *recipe_args]
-    try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"2-rank ZeRO-3 PPO run hung (timeout): {str(err.stdout)[-3000:]} {str(err.stderr)[-3000:]}")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    result = launch_two_ranks(__file__, recipe_args, port_offset=21, timeout=180, what="ZeRO-3 PPO run")
     return out, result.stdout
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
 import sys
 
 import numpy as np
@@ -28,6 +27,7 @@ from dbrx_tune.vibes.config import VibeArguments
 from dbrx_tune.vibes.prompts import VibePrompt, VibePromptError, load_vibe_prompts
 from dbrx_tune.vibes.schema import CATEGORIES, CATEGORY_METRIC, PRIMARY_SCORE, VIBES_FILE, VibeRecord
 from dbrx_tune.vibes.scoring import LEAK_SPAN_WORDS, is_refusal, score_answer
+from gloo_ranks import ZERO3_AUTO, launch_two_ranks, start_gloo_deepspeed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
@@ -431,24 +431,10 @@ def test_check_before_a_save_puts_the_scores_into_the_checkpoint_state(sft_run_w
 
 # ------------------------------------------------------------------ ZeRO-3 on 2 processes
 
-ZERO3 = {
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-}
-
-
 def _zero3_worker(argv: list[str]) -> None:
-    import deepspeed
-    import deepspeed.ops
-
     from sft.train import main
 
-    # As tests/test_ppo_zero3.py: no JIT shared-memory kernel; DeepSpeed's communicator started for a CPU run.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
+    start_gloo_deepspeed()
     main(argv)
 
 
@@ -460,20 +446,13 @@ def test_zero3_sft_on_two_processes_answers_every_prompt_once_per_check(tmp_path
     """ZeRO-3 (every rank generates with partitioned weights) and ZeRO-3 + AutoEP, the default of recipes/dbrx_sft.yaml
     (every rank generates: the experts' all-to-all needs both)."""
     ds_config = tmp_path / "zero3.json"
-    ds_config.write_text(json.dumps({**ZERO3, **ds_extra}))
+    ds_config.write_text(json.dumps({**ZERO3_AUTO, **ds_extra}))
     out = tmp_path / "out"
     argv = [SFT_RECIPE, "--deepspeed", str(ds_config), "--output_dir", str(out), *QUICK_SFT,
             "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_strategy", "no",
             "--eval_strategy", "no", "--dataset_test_split", "none", "--report_to", "none",
             "--vibe_steps", "1", "--vibe_batch_size", "8"]  # 18 prompts: batches of 8, 8, 2
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000 + port_offset), __file__, *argv]
-    try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as err:
-        pytest.fail(f"2-rank ZeRO-3 SFT with vibe checks hung: {str(err.stdout)[-3000:]} {str(err.stderr)[-3000:]}")
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    launch_two_ranks(__file__, argv, port_offset=port_offset, timeout=240, what="ZeRO-3 SFT with vibe checks")
     records = read_records(out)
     n_prompts = len(load_vibe_prompts("default"))
     assert len(records) == 3 * n_prompts  # steps 0, 1, 2, written by the main process only
