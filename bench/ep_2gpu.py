@@ -17,7 +17,6 @@ prediction for every configuration, planner_check.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import time
 
 import torch
+
+from provenance import provenance, write_result  # noqa: E402  (bench/, this script's directory)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -213,21 +214,19 @@ def main() -> None:
     keys = ("tokens_per_s_zero3", "tokens_per_s_ep", "speedup", "peak_gb_zero3", "peak_gb_ep", "loss_max_abs_diff")
     result = {
         "configuration": names[0], **{key: primary[key] for key in keys},
-        "gpu": f"{args.gpus}x {torch.cuda.get_device_name(0)}", "torch": torch.__version__, "command": command,
+        **provenance(f"{args.gpus}x {torch.cuda.get_device_name(0)}", command),
         "ep_options": json.loads(args.ep_options),
         "model": f"DBRX width (d_model 6144, 16 experts x ffn 10752, top-4), {args.layers} layers, bf16",
-        "date": datetime.date.today().isoformat(), "configurations": configurations,
+        "configurations": configurations,
     }
-    with open(os.path.join(args.results, f"ep_{args.gpus}gpu.json"), "w", encoding="utf-8") as handle:
-        json.dump(result, handle, indent=2)
+    write_result(os.path.join(args.results, f"ep_{args.gpus}gpu.json"), result)
     check = {}
     for name in names:
         check.update(planner_check(name, CONFIGS[name], configurations[name], args.layers, args.gpus))
     check.update(command=command, measured="torch.cuda.max_memory_allocated, max over ranks", gpu=result["gpu"],
                  date=result["date"])
-    with open(os.path.join(args.results, f"planner_check_{args.gpus}gpu.json" if args.gpus != 2 else "planner_check.json"),
-              "w", encoding="utf-8") as handle:
-        json.dump(check, handle, indent=2)
+    write_result(os.path.join(args.results, f"planner_check_{args.gpus}gpu.json" if args.gpus != 2 else
+                              "planner_check.json"), check)
     print(json.dumps({name: {k: v for k, v in run.items() if not k.startswith("losses")}
                       for name, run in configurations.items()}, indent=2))
     print(json.dumps(check, indent=2))

@@ -13,8 +13,6 @@ fp32 reference.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -27,6 +25,7 @@ from transformers import DbrxConfig  # noqa: E402
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts  # noqa: E402
 
 from dbrx_tune.modeling.experts import DbrxGroupedExperts, grouped_mm_supported  # noqa: E402
+from provenance import provenance, write_result  # noqa: E402
 
 
 def dbrx_ffn_config(d_model: int, ffn: int, experts: int, top_k: int):
@@ -154,7 +153,6 @@ def main() -> None:
     tflops_ours = flops / (ms_ours * 1e-3) / 1e12
     mfu_ours_runs = [flops / (ms * 1e-3) / 1e12 / ceiling for ms in runs["ms_ours"]]
 
-    command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     result = {
         "mfu_ours": round(tflops_ours / ceiling, 4),
         "mfu_stock": round(tflops_stock / ceiling, 4),
@@ -171,14 +169,9 @@ def main() -> None:
         "shape": {"tokens": args.tokens, "d_model": args.d_model, "ffn": args.ffn, "experts": args.experts,
                   "top_k": args.top_k, "dtype": "bfloat16", "pass": "forward+backward"},
         "accuracy_vs_fp32": {k: round(v, 6) for k, v in accuracy.items()},
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "command": command,
-        "date": datetime.date.today().isoformat(),
+        **provenance(torch.cuda.get_device_name()),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=2)
+    write_result(args.output, result)
     print(f"{'':8} {'ms':>8} {'TFLOP/s':>8} {'MFU':>6}")
     print(f"{'stock':8} {ms_stock:8.1f} {tflops_stock:8.1f} {result['mfu_stock']:6.1%}")
     print(f"{'ours':8} {ms_ours:8.1f} {tflops_ours:8.1f} {result['mfu_ours']:6.1%}")

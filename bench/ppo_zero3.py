@@ -13,12 +13,13 @@ recipe with the shape, ZeRO-3 and bf16 overridden, through `accelerate launch`, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
 import sys
 import tempfile
+
+from provenance import provenance, write_result
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,14 +89,9 @@ def main() -> None:
                        for entry in history],
         "n_layers": args.layers, "gpus": args.gpus, "prompts_per_update": batch * args.gpus,
         "response_length": args.response_length,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "command": "python bench/ppo_zero3.py " + " ".join(sys.argv[1:]),
-        "date": datetime.date.today().isoformat(),
+        **provenance(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=2)
+    write_result(args.output, result)
     print(f"{'rollout s':>10} {'optimise s':>11} {'peak GB':>8}")
     print(f"{result['rollout_s']:>10.2f} {result['optimise_s']:>11.2f} {result['peak_gb']:>8.1f}")
 

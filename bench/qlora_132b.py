@@ -23,8 +23,6 @@ Memory is reported in GB (1e9 bytes) and GiB from `torch.cuda.memory_allocated`/
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import os
 import sys
@@ -42,6 +40,7 @@ from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config  # noqa
 from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
 from dbrx_tune.modeling.moe_loss import sync_moe_config  # noqa: E402
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts  # noqa: E402
+from provenance import provenance, write_result  # noqa: E402
 
 logger = logging.getLogger("bench.qlora_132b")
 
@@ -207,7 +206,6 @@ def main() -> None:
     def gb(value: int) -> float:
         return round(value / GB, 2)
 
-    command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     result = {
         "peak_gb": gb(step_peak),
         "peak_gib": round(step_peak / GIB, 2),
@@ -232,15 +230,10 @@ def main() -> None:
         "build_s": round(build_s, 1),
         "fits_h200_141gb": step_peak < 141 * GB,
         "fits_h100_80gb": step_peak < 80 * GB,
-        "gpu": torch.cuda.get_device_name(device) if on_cuda else "cpu",
-        "torch": torch.__version__,
-        "command": command,
-        "date": datetime.date.today().isoformat(),
+        **provenance(torch.cuda.get_device_name(device) if on_cuda else "cpu"),
     }
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_result(output, result)
     print(f"layers {config.n_layers}, seq {args.seq_len}, attention {args.attention}, LoRA r {args.lora_r}: "
           f"loss {result['loss']}, grads finite {grads_finite}, step {result['step_s']} s")
     print(f"{'weights':12} {result['weights_gb']:8} GB  {breakdown}")

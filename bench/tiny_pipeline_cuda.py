@@ -11,7 +11,6 @@ metrics, the wall time that the trainers report and the vibe checks (how many, g
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import os
@@ -19,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from provenance import provenance, write_result
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -79,14 +80,9 @@ def main() -> None:
         "stages": {stage: stage_summary(os.path.join(root, stage)) for stage in STAGES},
         "rewardbench_sample": {k: v for k, v in rewardbench.items() if isinstance(v, (int, float))},
         "total_wall_s": time.perf_counter() - start,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-        "torch": torch.__version__,
-        "command": "python bench/tiny_pipeline_cuda.py " + " ".join(sys.argv[1:]),
-        "date": datetime.date.today().isoformat(),
+        **provenance(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as handle:
-        json.dump(result, handle, indent=2)
+    write_result(args.output, result)
     if args.vibes_report:
         from dbrx_tune.vibes.report import write_report
 

@@ -27,9 +27,7 @@ Modes (same seed, so stock and ours start from the same weights and the same rou
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import logging
 import os
 import statistics
@@ -46,6 +44,7 @@ from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config  # noqa
 from dbrx_tune.modeling.experts import set_experts_implementation  # noqa: E402
 from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
 from dbrx_tune.modeling.moe_loss import sync_moe_config  # noqa: E402
+from provenance import provenance, write_result  # noqa: E402
 
 logger = logging.getLogger("bench.train_step")
 
@@ -195,7 +194,6 @@ def main() -> None:
     def pick(mode: str, key: str):
         return results.get(mode, {}).get(key)
 
-    command = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
     summary = {
         "speedup_full": speedup("stock_full", "ours_full"),
         "speedup_lora": speedup("stock_lora", "ours_lora"),
@@ -216,15 +214,10 @@ def main() -> None:
             "steps_per_run": args.steps, "runs": args.repeats,
             "optimizer": "torch AdamW (fused on CUDA)", "router_aux_loss": config.ffn_config.moe_loss_weight,
         },
-        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "command": command,
-        "date": datetime.date.today().isoformat(),
+        **provenance(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
     }
     if output:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        with open(output, "w") as handle:
-            json.dump(summary, handle, indent=2)
+        write_result(output, summary)
     print(f"{'mode':22} {'step ms':>9} {'spread':>7} {'tokens/s':>10} {'peak GB':>8} {'trainable':>14}")
     for mode, row in results.items():
         peak = row.get("peak_gb")
