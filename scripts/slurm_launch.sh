@@ -42,6 +42,10 @@ if [[ -z "$nodes" ]]; then
   exit 2
 fi
 
+# ZeRO-3 at DBRX scale runs close to the memory limit; without expandable segments the allocator fragments and
+# DeepSpeed flushes its cache mid-step (bench/RESULTS.md, Scale-out). srun passes the environment to every node.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+
 python_bin="${PYTHON:-python}"
 mapfile -t hosts < <("$python_bin" -m dbrx_tune.distributed nodes "$nodes")
 num_machines=${#hosts[@]}

@@ -52,3 +52,39 @@ def test_qlora_smoke_takes_one_finite_step_on_4bit_experts_and_4bit_attention(tm
     assert set(result["weights_breakdown_gb"]) == {"experts_nf4", "attention", "lora", "embeddings_head_norms_routers"}
     for key in ("peak_gb", "weights_gb", "gpu", "torch", "command", "date"):
         assert key in result
+
+
+def test_trace_summary_splits_compute_idle_time_into_nccl_wait_and_empty_gpu():
+    """bench/trace_summary.py's reading of a timeline, on a hand-built trace whose answer is known by construction:
+    compute kernels on stream 7 at [0, 100), [150, 200), [220, 250) ms; an all-gather on stream 20 at [90, 140);
+    the host inside `aten::item` at [135, 165) and a stream sync at [195, 215)."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+    try:
+        from trace_summary import summarize
+    finally:
+        sys.path.pop(0)
+
+    def event(category, name, thread, start_ms, duration_ms, pid=0):
+        return {"ph": "X", "cat": category, "name": name, "pid": pid, "tid": thread, "ts": start_ms * 1000,
+                "dur": duration_ms * 1000}
+
+    trace = {"traceEvents": [
+        event("kernel", "sm90_xmma_gemm_bf16", 7, 0, 100),
+        event("kernel", "ncclDevKernel_AllGather_RING_LL", 20, 90, 50),
+        event("kernel", "flash_fwd_kernel", 7, 150, 50),
+        event("kernel", "vectorized_elementwise_kernel", 7, 220, 30),
+        event("cpu_op", "aten::item", 1, 135, 30, pid=1),
+        event("cuda_runtime", "cudaStreamSynchronize", 1, 195, 20, pid=1),
+    ]}
+    summary = summarize(trace)
+
+    assert summary["compute_stream"] == "7" and summary["wall_ms"] == 250
+    assert summary["compute_busy_ms"] == 180 and summary["compute_idle_ms"] == 70
+    # Idle [100, 150): the all-gather covers [100, 140), nothing runs in [140, 150); idle [200, 220): GPU empty.
+    assert summary["idle_while_nccl_runs_ms"] == 40
+    assert summary["idle_while_gpu_empty_ms"] == 30
+    assert summary["compute_kernel_ms_by_kind"] == {"gemm": 100, "attention": 50, "elementwise/other": 30}
+    # The host was in aten::item for [140, 150) and in the sync for [200, 215) of the empty time.
+    assert summary["host_while_gpu_empty_ms"]["cpu_op"] == {"aten::item": 10}
+    assert summary["host_while_gpu_empty_ms"]["cuda_runtime"] == {"cudaStreamSynchronize": 15}
+    assert summary["nccl_ms_by_kernel"] == {"ncclDevKernel_AllGather_RING_LL": 50}

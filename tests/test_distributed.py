@@ -212,6 +212,21 @@ def test_repo_zero3_ep_config_fits_dbrx_on_one_and_several_nodes():
         check_parallel_config(config, world_size=world_size, num_experts=16)
 
 
+def test_repo_zero3_ep_config_passes_deepspeeds_own_autoep_validation():
+    """The shipped AutoEP options (fused combine, asynchronous split plan: bench/RESULTS.md) are ones DeepSpeed
+    accepts together; a typo or a combination it rejects would otherwise surface only on the GPU cluster."""
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config, validate_autoep_config
+
+    from dbrx_tune.autoep_dbrx import register_dbrx_autoep_preset
+    from dbrx_tune.distributed import read_json_config
+
+    register_dbrx_autoep_preset()
+    config = read_json_config(os.path.join(REPO_ROOT, "recipes/deepspeed/zero3_ep.json"))
+    autoep = parse_autoep_config(config["expert_parallel"])
+    assert (autoep.combine_impl, autoep.async_split_plan) == ("fused_weighted_sum", True)
+    validate_autoep_config(autoep, world_size=16, pp_size=1, tp_size=1, sp_size=1, zero_stage=3)
+
+
 @pytest.mark.parametrize("config, kwargs, message", [
     (ep_config(3), {"world_size": 6, "num_experts": 16}, "does not divide the model's 16 experts"),
     (ep_config(4), {"world_size": 6, "num_experts": 16}, "does not divide the world size 6"),
