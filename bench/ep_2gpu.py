@@ -197,6 +197,8 @@ def compare(zero3: dict, ep: dict) -> dict:
         "peak_gb_zero3": round(zero3["peak_gb"], 2), "peak_gb_ep": round(ep["peak_gb"], 2),
         "loss_max_abs_diff": max(abs(a - b) for a, b in zip(zero3["losses"], ep["losses"])),
         "split_s_per_step_zero3": zero3["split_s_per_step"], "split_s_per_step_ep": ep["split_s_per_step"],
+        "step_s_zero3": zero3["step_s"], "step_s_ep": ep["step_s"],
+        "ep_rank_load_max_over_mean": ep["ep_rank_load_max_over_mean"],
     }
 
 
@@ -242,7 +244,8 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=2, help="GPUs = EP size; results go to ep_<N>gpu.json")
     parser.add_argument("--ep-options", action="append", default=None,
                         help="JSON merged into the shipped expert_parallel section; repeat for more EP variants "
-                             "(default: the shipped section as is); worker: one JSON")
+                             "(default: the shipped section as is; '{\"async_split_plan\": false}' measures it "
+                             "without the asynchronous split plan); worker: one JSON")
     parser.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

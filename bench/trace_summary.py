@@ -4,8 +4,8 @@ Summed kernel times (the profiler's table) cannot tell a collective that moves d
 other rank, nor compute that overlaps communication from compute that waits for it. The timeline can: this reads
 the trace `torch.profiler` exports and reports, for the stream that runs the model's kernels (the busiest one),
 how much of the profiled wall time it is busy, how its idle time splits into "an NCCL kernel is running on another
-stream" (waiting for communication) and "nothing runs on the GPU" (the host is late: launch overhead or a host
-synchronisation), its kernel time by kind, and what the host was doing while the GPU was empty (CPU operators and
+stream" (waiting for communication), "nothing runs on the GPU" (the host is late: launch overhead or a host
+synchronisation) and "other (non-NCCL) kernels run on other streams", its kernel time by kind, and what the host was doing while the GPU was empty (CPU operators and
 CUDA runtime calls overlapping those gaps, by name; nested operators each count).
 
     python bench/trace_summary.py TRACE.json [--json OUT]
@@ -128,6 +128,7 @@ def summarize(trace: dict) -> dict:
         "compute_idle_ms": round(idle_total * ms, 2),
         "idle_while_nccl_runs_ms": round(idle_nccl * ms, 2),
         "idle_while_gpu_empty_ms": round(idle_empty * ms, 2),
+        "idle_while_other_streams_busy_ms": round((idle_total - idle_nccl - idle_empty) * ms, 2),
         "compute_kernel_ms_by_kind": {kind: round(value * ms, 2) for kind, value in
                                       sorted(kinds.items(), key=lambda item: -item[1])},
         "top_compute_kernels_ms": {name: round(value * ms, 2) for name, value in

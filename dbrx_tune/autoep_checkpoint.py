@@ -21,8 +21,8 @@ module's ZeRO partitions over the group they are partitioned over, gathers each 
 expert-parallel group onto global rank 0, and maps names and layouts back to DBRX's (the inverse of the DBRX
 AutoEP preset, `dbrx_tune.autoep_dbrx`). The same walk also fixes ZeRO-3 without EP: DeepSpeed's consolidation
 reads the 3D `DbrxGroupedExperts` parameters directly, bypassing their state-dict hook, and would save
-`experts.{w1,v1,w2}` in 3D, which a stock `DbrxForCausalLM` does not load. `save_dbrx_checkpoint(trainer, output_dir)`
-is the stage scripts' save hook.
+`experts.{w1,v1,w2}` in 3D, which a stock `DbrxForCausalLM` does not load. `DbrxCheckpointMixin` puts it under
+every stage trainer's `save_model`, so final and intermediate checkpoints alike are plain DBRX checkpoints.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import logging
 import torch
 from torch import distributed as dist
 from torch import nn
-from transformers import Trainer
 
 from dbrx_tune.modeling.experts import to_original_layout
 
@@ -187,24 +186,37 @@ def _is_zero3_partitioned(model: nn.Module) -> bool:
     return any(hasattr(param, "ds_id") for param in model.parameters())
 
 
-def save_dbrx_checkpoint(trainer: Trainer, output_dir: str) -> None:
-    """Save `trainer`'s model to `output_dir` as a plain DBRX checkpoint, also under ZeRO-3 and AutoEP.
-
-    The `save_model=` hook of `dbrx_tune.stage.train_and_save`; call it on every rank. A full model that is ZeRO-3
-    partitioned or has AutoEP layers gets its state dict from `consolidated_dbrx_state_dict` (DeepSpeed's own
-    consolidation raises under AutoEP and writes 3D expert keys for the grouped experts), written through the
-    trainer's usual `save_pretrained` path (config, safetensors shards, tokenizer, training args). This happens
-    whatever `stage3_gather_16bit_weights_on_model_save` says: output directories are plain HF checkpoints. Anything
-    else (no DeepSpeed, ZeRO-1/2, PEFT adapters) is `trainer.save_model`.
-    """
+def needs_dbrx_consolidation(model: nn.Module) -> bool:
+    """Whether saving `model` must go through `consolidated_dbrx_state_dict`: a full (not PEFT) model that is ZeRO-3
+    partitioned or has AutoEP layers."""
     from peft import PeftModel
 
-    model = trainer.model
-    if isinstance(model, PeftModel) or not (has_autoep_layers(model) or _is_zero3_partitioned(model)):
-        trainer.save_model(output_dir)
-        return
-    state_dict = consolidated_dbrx_state_dict(model)
-    if trainer.args.should_save:
-        trainer._save(output_dir, state_dict=state_dict)
-        logger.info("saved the DeepSpeed-trained model to %s in the original DBRX layout", output_dir)
-    trainer.accelerator.wait_for_everyone()
+    return not isinstance(model, PeftModel) and (has_autoep_layers(model) or _is_zero3_partitioned(model))
+
+
+class DbrxCheckpointMixin:
+    """`Trainer.save_model` that writes DBRX's original names and layout also from ZeRO-3 and AutoEP training.
+
+    Put it first in a trainer's bases (`class DbrxSFTTrainer(DbrxCheckpointMixin, SFTTrainer)`). The Trainer calls
+    `save_model` for the final model and, through `_save_checkpoint`, for every `checkpoint-N` it writes during
+    training; DeepSpeed's consolidation, what the stock method uses under ZeRO-3, raises under AutoEP (the default
+    SFT recipe died at its first save) and writes 3D expert keys for the grouped experts. Here a model that
+    `needs_dbrx_consolidation` gets its state dict from `consolidated_dbrx_state_dict` on every rank and is written
+    by the global main process, the only one holding it, through the trainer's usual `_save` (config, safetensors
+    shards, tokenizer, training args), whatever `stage3_gather_16bit_weights_on_model_save` and `save_on_each_node`
+    say (other nodes would otherwise write ZeRO-3's empty placeholders); anything else (no DeepSpeed, ZeRO-1/2, PEFT adapters)
+    takes the stock path. DeepSpeed's own engine checkpoint for resuming is written beside it by `_save_checkpoint`
+    as usual.
+    """
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not needs_dbrx_consolidation(self.model):
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state_dict = consolidated_dbrx_state_dict(self.model)
+        if state_dict is not None:  # global rank 0
+            self._save(output_dir, state_dict=state_dict)
+            logger.info("saved the DeepSpeed-trained model to %s in the original DBRX layout", output_dir)
+        self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)

@@ -111,7 +111,11 @@ def dbrx_reference_builder(trainer_class: type[Trainer], model_args: ModelArgume
     (the policy must have been built right after `set_seed(seed)`): a second build, not a copy, because under ZeRO-3
     a deep copy would share the policy's partition bookkeeping.
     """
-    module = sys.modules[trainer_class.__module__]
+    module = next((sys.modules[cls.__module__] for cls in trainer_class.__mro__  # the TRL class among the bases
+                   if hasattr(sys.modules.get(cls.__module__), "create_model_from_path")), None)
+    if module is None:
+        raise TypeError(f"{trainer_class.__name__} builds no reference through a TRL module's "
+                        "`create_model_from_path`; pass TRL's GRPOTrainer or RLOOTrainer, or a subclass")
     original = module.create_model_from_path
 
     def build_reference(model_id: str, **_: Any) -> PreTrainedModel:
@@ -128,7 +132,8 @@ def dbrx_reference_builder(trainer_class: type[Trainer], model_args: ModelArgume
 
 def build_online_trainer(trainer_class: type[Trainer], recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
                          splits: DatasetDict) -> Trainer:
-    """`trainer_class` (TRL's GRPOTrainer or RLOOTrainer) on the recipe's policy, reward and prompt splits."""
+    """`trainer_class` (TRL's GRPOTrainer or RLOOTrainer, or a subclass such as `dbrx_tune.trainers.DbrxGRPOTrainer`)
+    on the recipe's policy, reward and prompt splits."""
     args, model_args = recipe.training, recipe.model
     check_rewards(recipe.stage)  # before the policy's weights load
     set_seed(args.seed)

@@ -22,7 +22,6 @@ from trl import RewardConfig
 
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import check_lengths, validate_preference_dataset, validate_prompt_dataset, validate_sft_dataset
-from dbrx_tune.autoep_checkpoint import save_dbrx_checkpoint
 from dbrx_tune.distributed import ParallelConfigError, check_parallel_config, expert_parallel_size, read_json_config
 from dbrx_tune.modeling.loading import is_dbrx, load_model_config
 from dbrx_tune.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
@@ -177,8 +176,8 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
     """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint, the resolved
     recipe and the metrics.
 
-    `save_model(trainer, output_dir)` replaces the default `save_dbrx_checkpoint`, which writes DBRX's original
-    names and layout also from ZeRO-3 partitioned or expert-parallel training.
+    `save_model(trainer, output_dir)` replaces the default `trainer.save_model(output_dir)` (the stage trainers of
+    `dbrx_tune.trainers` write DBRX's original names and layout also from ZeRO-3 or expert-parallel training).
     """
     args = trainer.args
     if trainer.is_world_process_zero():
@@ -191,7 +190,10 @@ def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
         metrics.update(trainer.evaluate())
     # TRL switches router logits on for training; a saved model must generate without computing the loss
     trainer.accelerator.unwrap_model(trainer.model).config.output_router_logits = False
-    (save_model or save_dbrx_checkpoint)(trainer, args.output_dir)
+    if save_model is not None:
+        save_model(trainer, args.output_dir)
+    else:
+        trainer.save_model(args.output_dir)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

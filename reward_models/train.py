@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from peft import PeftModel  # noqa: E402
 from trl import RewardConfig  # noqa: E402
 
-from dbrx_tune.autoep_checkpoint import save_dbrx_checkpoint  # noqa: E402
 from dbrx_tune.modeling.loading import load_sequence_classifier, prepare_for_training  # noqa: E402
 from dbrx_tune.modeling.seq_cls import save_reward_model  # noqa: E402
 from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
@@ -33,7 +32,7 @@ def save_full_reward_model(trainer: DbrxRewardTrainer, output_dir: str) -> None:
         if trainer.args.process_index == 0 and not getattr(model.config, "quantization_config", None):
             save_reward_model(model.merge_and_unload(), None, output_dir)
         return
-    save_dbrx_checkpoint(trainer, output_dir)
+    trainer.save_model(output_dir)
 
 
 def main(argv: list[str] | None = None) -> dict:

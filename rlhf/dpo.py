@@ -14,10 +14,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from trl import DPOConfig, DPOTrainer  # noqa: E402
+from trl import DPOConfig  # noqa: E402
 
 from dbrx_tune.modeling.loading import load_causal_lm, load_reference_model, prepare_for_training  # noqa: E402
 from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
+from dbrx_tune.trainers import DbrxDPOTrainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     splits = load_stage_datasets(recipe, "preference", tokenizer, max_length=args.max_length)
     model = prepare_for_training(load_causal_lm(recipe.model, tokenizer), recipe.model)
     ref_model = None if recipe.model.use_peft else load_reference_model(recipe.model, tokenizer)
-    trainer = DPOTrainer(
+    trainer = DbrxDPOTrainer(
         model=model,
         ref_model=ref_model,
         args=args,

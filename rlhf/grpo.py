@@ -15,17 +15,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
 
 from dbrx_tune.online_rl import OnlineRewardArguments, build_online_trainer  # noqa: E402
 from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
+from dbrx_tune.trainers import DbrxGRPOTrainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
     recipe = start_stage(argv, GRPOConfig, OnlineRewardArguments)
     tokenizer = load_stage_tokenizer(recipe)
     splits = load_stage_datasets(recipe, "prompt", tokenizer)
-    trainer = build_online_trainer(GRPOTrainer, recipe, tokenizer, splits)
+    trainer = build_online_trainer(DbrxGRPOTrainer, recipe, tokenizer, splits)
     return train_and_save(trainer, recipe, "grpo")
 
 

@@ -44,7 +44,7 @@ fi
 
 # ZeRO-3 at DBRX scale runs close to the memory limit; without expandable segments the allocator fragments and
 # DeepSpeed flushes its cache mid-step (bench/RESULTS.md, Scale-out). srun passes the environment to every node.
-export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:True}"  # unset: default; set: kept
 
 python_bin="${PYTHON:-python}"
 mapfile -t hosts < <("$python_bin" -m dbrx_tune.distributed nodes "$nodes")
@@ -62,7 +62,7 @@ for rank in "${!hosts[@]}"; do
        accelerate launch --config_file "$config" --num_machines "$num_machines" --num_processes "$num_processes"
        --machine_rank "$rank" --main_process_ip "$head" --main_process_port "$port" "$@")
   if [[ $dry_run -eq 1 ]]; then
-    printf '%q ' "${cmd[@]}"; printf '\n'
+    printf 'PYTORCH_CUDA_ALLOC_CONF=%q ' "$PYTORCH_CUDA_ALLOC_CONF"; printf '%q ' "${cmd[@]}"; printf '\n'
   else
     "${cmd[@]}" &
     pids+=($!)

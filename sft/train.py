@@ -13,10 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import SFTConfig  # noqa: E402
 
 from dbrx_tune.modeling.loading import load_causal_lm, prepare_for_training  # noqa: E402
 from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
+from dbrx_tune.trainers import DbrxSFTTrainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_stage_tokenizer(recipe)
     splits = load_stage_datasets(recipe, "sft", tokenizer, max_length=args.max_length)
     model = prepare_for_training(load_causal_lm(recipe.model, tokenizer), recipe.model)
-    trainer = SFTTrainer(
+    trainer = DbrxSFTTrainer(
         model=model,
         args=args,
         train_dataset=splits["train"],

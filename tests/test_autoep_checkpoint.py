@@ -2,9 +2,10 @@
 
 The test starts this file as a worker (`python -m torch.distributed.run --nproc_per_node 2
 tests/test_autoep_checkpoint.py OUT_DIR`). The worker trains a tiny DBRX twice: with AutoEP EP=2 through the HF
-Trainer, saved by `save_dbrx_checkpoint`; and with a bare DeepSpeed engine without EP (ZeRO-3 leaf modules), saved
-from `consolidated_dbrx_state_dict`. It writes each model's in-training logits next to its checkpoint; the test
-process then loads the checkpoints with a stock `DbrxForCausalLM` and compares.
+Trainer with `DbrxCheckpointMixin` (the stage trainers' save path), writing a `checkpoint-N` during training, then
+resuming from it for one more step; and with a bare DeepSpeed engine without EP (ZeRO-3 leaf modules), saved from
+`consolidated_dbrx_state_dict`. It writes each model's in-training logits next to its checkpoint; the test process
+then loads the checkpoints with a stock `DbrxForCausalLM` and compares.
 """
 
 from __future__ import annotations
@@ -51,25 +52,41 @@ def _train(ds_config: dict, rank: int, world: int):
     return engine, prepared
 
 
-def _train_with_trainer(ds_config: dict, output_dir: str):
+def _train_with_trainer(ds_config: dict, output_dir: str, max_steps: int = STEPS, resume: str | None = None):
+    """A Trainer with the stage trainers' save path, saving a checkpoint every STEPS steps; (trainer, prepared)."""
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from dbrx_tune.autoep_checkpoint import DbrxCheckpointMixin
     from dbrx_tune.distributed import prepare_for_deepspeed
 
-    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=MICRO_BATCH, max_steps=STEPS,
-                             learning_rate=1e-2, deepspeed=ds_config, use_cpu=True, report_to=[], save_strategy="no")
+    class CheckpointTrainer(DbrxCheckpointMixin, Trainer):
+        pass
+
+    class StepsTaken(TrainerCallback):
+        def __init__(self):
+            self.steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=MICRO_BATCH, max_steps=max_steps,
+                             learning_rate=1e-2, deepspeed=ds_config, use_cpu=True, report_to=[],
+                             save_strategy="steps", save_steps=STEPS)
     model = build_model()
     prepared = prepare_for_deepspeed(model, ds_config)
-    ids = torch.randint(2, VOCAB, (STEPS * 2 * MICRO_BATCH, SEQ), generator=torch.Generator().manual_seed(1)).tolist()
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
-    trainer.train()
+    ids = torch.randint(2, VOCAB, (max_steps * 2 * MICRO_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    steps_taken = StepsTaken()
+    trainer = CheckpointTrainer(model=model, args=args, train_dataset=dataset, callbacks=[steps_taken])
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.steps_taken = steps_taken.steps
     return trainer, prepared
 
 
 def _worker(out_dir: str) -> None:
     """Both runs of one 2-process job: AutoEP EP=2 under ZeRO-3, then ZeRO-3 without EP."""
-    from dbrx_tune.autoep_checkpoint import consolidated_dbrx_state_dict, has_autoep_layers, save_dbrx_checkpoint
+    from dbrx_tune.autoep_checkpoint import consolidated_dbrx_state_dict, has_autoep_layers
 
     start_gloo_deepspeed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -82,7 +99,7 @@ def _worker(out_dir: str) -> None:
     }
     report: dict = {}
 
-    # AutoEP EP=2 through the HF Trainer (how the stage scripts train), saved by the stage scripts' save hook.
+    # AutoEP EP=2 through the HF Trainer (how the stage scripts train); checkpoint-STEPS is written during training.
     ep_config = {**base_config, "expert_parallel": {"enabled": True, "autoep_size": 2, "preset_model": "dbrx",
                                                      "use_grouped_mm": False}}
     trainer, report["ep_prepared"] = _train_with_trainer(ep_config, os.path.join(out_dir, "ep"))
@@ -95,9 +112,14 @@ def _worker(out_dir: str) -> None:
         report["stock_save_error"] = None
     except NotImplementedError as err:
         report["stock_save_error"] = str(err)
-    save_dbrx_checkpoint(trainer, os.path.join(out_dir, "ep"))
+    trainer.save_model(os.path.join(out_dir, "ep"))
     if rank == 0:
         save_file({"logits": logits.contiguous()}, os.path.join(out_dir, "ep", "logits.safetensors"))
+    # Resume from the intermediate checkpoint (DeepSpeed's engine state under AutoEP) and train one more step.
+    resumed, _ = _train_with_trainer(ep_config, os.path.join(out_dir, "ep"), max_steps=STEPS + 1,
+                                     resume=os.path.join(out_dir, "ep", f"checkpoint-{STEPS}"))
+    report["resumed_global_step"] = resumed.state.global_step
+    report["resumed_steps_taken"] = resumed.steps_taken  # 1 only if training continued from checkpoint-STEPS
 
     # The same model trained with ZeRO-3 alone (leaf modules, no EP).
     engine, report["plain_prepared"] = _train(base_config, rank, world)
@@ -161,6 +183,18 @@ def test_autoep_run_saves_a_stock_loadable_dbrx_with_the_in_training_logits(save
     with torch.no_grad():
         initial = build_model().eval()(input_ids=eval_ids()).logits
     assert (trained - initial).abs().max() > 1e-3  # training moved the weights: the save is not of the init
+
+
+def test_autoep_intermediate_checkpoint_is_plain_dbrx_and_resumable(saved):
+    """The Trainer saves `checkpoint-N` through `save_model` during training: under AutoEP DeepSpeed's consolidation
+    raised there (the default SFT recipe died at its first save on 2 H200s). The checkpoint at the last step holds the
+    final weights in DBRX's layout, and DeepSpeed's engine state beside it resumes training."""
+    out_dir, report = saved
+    checkpoint = out_dir / "ep" / f"checkpoint-{STEPS}"
+    assert checkpoint_layout(checkpoint) == checkpoint_layout(out_dir / "ep")
+    (checkpoint / "logits.safetensors").write_bytes((out_dir / "ep" / "logits.safetensors").read_bytes())
+    assert_loads_with_training_logits(checkpoint)
+    assert report["resumed_global_step"] == STEPS + 1 and report["resumed_steps_taken"] == 1
 
 
 def test_zero3_run_without_ep_saves_the_same_dbrx_keys_and_shapes_as_the_ep_run(saved):

@@ -83,6 +83,7 @@ def test_trace_summary_splits_compute_idle_time_into_nccl_wait_and_empty_gpu():
     # Idle [100, 150): the all-gather covers [100, 140), nothing runs in [140, 150); idle [200, 220): GPU empty.
     assert summary["idle_while_nccl_runs_ms"] == 40
     assert summary["idle_while_gpu_empty_ms"] == 30
+    assert summary["idle_while_other_streams_busy_ms"] == 0
     assert summary["compute_kernel_ms_by_kind"] == {"gemm": 100, "attention": 50, "elementwise/other": 30}
     # The host was in aten::item for [140, 150) and in the sync for [200, 215) of the empty time.
     assert summary["host_while_gpu_empty_ms"]["cpu_op"] == {"aten::item": 10}

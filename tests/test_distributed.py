@@ -294,23 +294,36 @@ def test_slurm_node_lists_expand_like_scontrol():
     assert expand_nodelist("a1,b[9-10]") == ["a1", "b9", "b10"]
 
 
-def test_slurm_launcher_dry_run_prints_one_accelerate_launch_per_node():
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHON=sys.executable)
+def slurm_dry_run(**extra_env: str) -> list[str]:
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHON=sys.executable, **extra_env)
     env.pop("SLURM_JOB_NODELIST", None)
+    if "PYTORCH_CUDA_ALLOC_CONF" not in extra_env:
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     result = subprocess.run(
         ["bash", "scripts/slurm_launch.sh", "--dry-run", "--nodes", "gpu[01-03]", "--gpus-per-node", "8", "--",
          "sft/train.py", "recipes/dbrx_sft.yaml", "--learning_rate", "5e-6"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
+    return result.stdout.strip().splitlines()
+
+
+def test_slurm_launcher_dry_run_prints_one_accelerate_launch_per_node():
+    lines = slurm_dry_run()
     assert len(lines) == 3
     for rank, (line, host) in enumerate(zip(lines, ["gpu01", "gpu02", "gpu03"])):
+        # ZeRO-3 at DBRX scale needs expandable segments (bench/RESULTS.md); srun hands the variable to every node
+        assert line.startswith("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True ")
         assert f"--nodelist={host} accelerate launch" in line
         assert f"--machine_rank {rank} " in line
         assert "--num_machines 3 --num_processes 24" in line
         assert "--main_process_ip gpu01 --main_process_port 29500" in line
         assert line.rstrip().endswith("sft/train.py recipes/dbrx_sft.yaml --learning_rate 5e-6")
+
+
+def test_slurm_launcher_keeps_the_users_allocator_setting():
+    (line, *_) = slurm_dry_run(PYTORCH_CUDA_ALLOC_CONF="garbage_collection_threshold:0.6")
+    assert line.startswith("PYTORCH_CUDA_ALLOC_CONF=garbage_collection_threshold:0.6 ")
 
 
 def test_slurm_launcher_refuses_a_bad_ep_size_before_launching(tmp_path):
