@@ -147,7 +147,8 @@ def worker(args) -> None:
             json.dump({"ds_config": config, "optimizer": f"{optimizer_cls.__name__}({optimizer_kwargs})",
                        "losses": (mean_losses / world).tolist(),
                        "tokens_per_s": world * args.seq * args.grad_accum * len(timed) / sum(timed),
-                       "peak_gb": peak.item(), "step_s": step_times, "ep_rank_load_max_over_mean": load, "split_s_per_step": split}, handle)
+                       "peak_gb": peak.item(), "step_s": step_times, "ep_rank_load_max_over_mean": load,
+                       "split_s_per_step": split}, handle)
 
 
 def expert_parallel_load(model, world: int) -> float | None:
@@ -210,9 +211,14 @@ def run_configuration(args, name: str, shape: dict) -> dict:
         ep = launch(args, f"{name}{index}", shape, "ep", options)
         variants.append({"ep_options": json.loads(options), **compare(zero3, ep), "losses_ep": ep["losses"],
                          "ds_config_ep": ep["ds_config"]})
-    headline = {key: value for key, value in variants[0].items() if not key.startswith(("losses", "ds_config"))}
+    headline = _scalars(variants[0])
     return {**shape, **headline, "optimizer": zero3["optimizer"], "ds_config_zero3": zero3["ds_config"],
             "losses_zero3": zero3["losses"], "ep_variants": variants}
+
+
+def _scalars(run: dict) -> dict:
+    """`run` without its per-micro-step losses and DeepSpeed configs (the headline and printed summaries)."""
+    return {key: value for key, value in run.items() if not key.startswith(("losses", "ds_config"))}
 
 
 def planner_check(name: str, shape: dict, measured: dict, layers: int, gpus: int) -> dict:
@@ -285,10 +291,7 @@ def main() -> None:
                  date=result["date"])
     write_result(os.path.join(args.results, f"planner_check_{args.gpus}gpu.json" if args.gpus != 2 else
                               "planner_check.json"), check)
-    print(json.dumps({name: {key: value for key, value in run.items() if not key.startswith(("losses", "ds_config"))}
-                      | {"ep_variants": [{key: value for key, value in variant.items()
-                                          if not key.startswith(("losses", "ds_config"))}
-                                         for variant in run["ep_variants"]]}
+    print(json.dumps({name: _scalars(run) | {"ep_variants": [_scalars(variant) for variant in run["ep_variants"]]}
                       for name, run in configurations.items()}, indent=2))
     print(json.dumps(check, indent=2))
 

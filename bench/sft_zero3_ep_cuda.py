@@ -67,8 +67,9 @@ def log_facts(log: str) -> dict:
     planned = re.findall(r"AutoEP: (\d+) DBRX MoE blocks will be replaced", log)
     return {"autoep_blocks_replaced": int(planned[0]) if planned else 0,
             "router_logits_recaptured_from_autoep": "router_logits now recorded from router.gate" in log,
-            "saved_in_dbrx_layout": [os.path.basename(path) for path in
-                                     re.findall(r"saved the DeepSpeed-trained model to (\S+) in the original DBRX", log)]}
+            "saved_in_dbrx_layout": [
+                os.path.basename(path)
+                for path in re.findall(r"saved the DeepSpeed-trained model to (\S+) in the original DBRX", log)]}
 
 
 def weight_layout(directory: str) -> dict[str, list[int]]:

@@ -5,8 +5,9 @@ other rank, nor compute that overlaps communication from compute that waits for 
 the trace `torch.profiler` exports and reports, for the stream that runs the model's kernels (the busiest one),
 how much of the profiled wall time it is busy, how its idle time splits into "an NCCL kernel is running on another
 stream" (waiting for communication), "nothing runs on the GPU" (the host is late: launch overhead or a host
-synchronisation) and "other (non-NCCL) kernels run on other streams", its kernel time by kind, and what the host was doing while the GPU was empty (CPU operators and
-CUDA runtime calls overlapping those gaps, by name; nested operators each count).
+synchronisation) and "other (non-NCCL) kernels run on other streams", its kernel time by kind, and what the host
+was doing while the GPU was empty (CPU operators and CUDA runtime calls overlapping those gaps, by name; nested
+operators each count).
 
     python bench/trace_summary.py TRACE.json [--json OUT]
 """
@@ -102,17 +103,11 @@ def summarize(trace: dict) -> dict:
     nccl = merged([(e["ts"], e["ts"] + e["dur"]) for key, value in streams.items() if key != compute
                    for e in value if kernel_kind(e["name"]) == "nccl"])
     anything = merged([interval for key in busy for interval in busy[key]])
-    idle = []
-    cursor = begin
-    for start, end in busy[compute] + [(finish, finish)]:
-        if start > cursor:
-            idle.append((cursor, start))
-        cursor = max(cursor, end)
+    idle = _complement(busy[compute], begin, finish)
+    empty = [gap for start, end in idle for gap in _complement(anything, start, end)]
     idle_total = sum(end - start for start, end in idle)
     idle_nccl = sum(overlap(nccl, start, end) for start, end in idle)
-    idle_empty = sum((end - start) - overlap(anything, start, end) for start, end in idle)
-    empty = [(start, end) for gap_start, gap_end in idle
-             for start, end in _complement(anything, gap_start, gap_end)]
+    idle_empty = sum(end - start for start, end in empty)
     host_during_empty = {category: _top_overlaps(trace, category, empty)
                          for category in ("cpu_op", "cuda_runtime", "user_annotation")}
     kinds: dict[str, float] = defaultdict(float)
@@ -120,6 +115,9 @@ def summarize(trace: dict) -> dict:
     for event in streams[compute]:
         kinds[kernel_kind(event["name"])] += event["dur"]
         names[event["name"][:90]] += event["dur"]
+    nccl_names: dict[str, float] = defaultdict(float)
+    for event in (event for value in streams.values() for event in value if kernel_kind(event["name"]) == "nccl"):
+        nccl_names[event["name"][:60]] += event["dur"]
     ms = 1e-3
     return {
         "wall_ms": round(wall * ms, 2),
@@ -136,10 +134,8 @@ def summarize(trace: dict) -> dict:
         "host_while_gpu_empty_ms": host_during_empty,
         "streams_busy_ms": {str(key[1]): round(sum(end - start for start, end in value) * ms, 2)
                             for key, value in busy.items()},
-        "nccl_ms_by_kernel": {name: round(value * ms, 2) for name, value in sorted(
-            ((name, sum(e["dur"] for v in streams.values() for e in v if e["name"][:60] == name))
-             for name in {e["name"][:60] for v in streams.values() for e in v if kernel_kind(e["name"]) == "nccl"}),
-            key=lambda item: -item[1])},
+        "nccl_ms_by_kernel": {name: round(value * ms, 2) for name, value in
+                              sorted(nccl_names.items(), key=lambda item: -item[1])},
     }
 
 

@@ -204,9 +204,9 @@ class DbrxCheckpointMixin:
     `needs_dbrx_consolidation` gets its state dict from `consolidated_dbrx_state_dict` on every rank and is written
     by the global main process, the only one holding it, through the trainer's usual `_save` (config, safetensors
     shards, tokenizer, training args), whatever `stage3_gather_16bit_weights_on_model_save` and `save_on_each_node`
-    say (other nodes would otherwise write ZeRO-3's empty placeholders); anything else (no DeepSpeed, ZeRO-1/2, PEFT adapters)
-    takes the stock path. DeepSpeed's own engine checkpoint for resuming is written beside it by `_save_checkpoint`
-    as usual.
+    say (other nodes would otherwise write ZeRO-3's empty placeholders); anything else (no DeepSpeed, ZeRO-1/2, PEFT
+    adapters) takes the stock path. DeepSpeed's own engine checkpoint for resuming is written beside it by
+    `_save_checkpoint` as usual.
     """
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
