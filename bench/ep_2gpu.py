@@ -30,10 +30,9 @@ import time
 
 import torch
 
-from provenance import provenance, write_result  # noqa: E402  (bench/, this script's directory)
+from provenance import provenance, write_result  (bench/, this script's directory)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 CONFIGS = {
@@ -47,7 +46,7 @@ def training_arguments(mode: str, world: int, grad_accum: int, ep_options: dict,
     precision and clipping values here and the hidden-size ones in `finalize_deepspeed_config`."""
     from transformers import TrainingArguments
 
-    from dbrx_tune.distributed import read_json_config
+    from dbrx_tune.parallel.launch import read_json_config
 
     name = "zero3_ep.json" if mode == "ep" else "zero3.json"
     config = read_json_config(os.path.join(ROOT, "recipes", "deepspeed", name))
@@ -83,7 +82,7 @@ def worker(args) -> None:
     import deepspeed
     from transformers import DbrxForCausalLM, Trainer
 
-    from dbrx_tune.distributed import apply_experts_implementation, prepare_for_deepspeed
+    from dbrx_tune.parallel.zero3 import apply_experts_implementation, prepare_for_deepspeed
 
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -223,7 +222,7 @@ def _scalars(run: dict) -> dict:
 
 def planner_check(name: str, shape: dict, measured: dict, layers: int, gpus: int) -> dict:
     """The memory planner's per-GPU prediction for every run of one configuration, next to its measured peak."""
-    from dbrx_tune.plan import ModelShape, plan
+    from dbrx_tune.tools.plan import ModelShape, plan
 
     config = bench_config(layers)
     model_shape = ModelShape(d_model=6144, n_layers=layers, n_heads=48, kv_heads=8, vocab=config.vocab_size,

@@ -13,19 +13,14 @@ fp32 reference.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 
 import torch
+from provenance import provenance, write_result
+from transformers import DbrxConfig
+from transformers.models.dbrx.modeling_dbrx import DbrxExperts
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformers import DbrxConfig  # noqa: E402
-from transformers.models.dbrx.modeling_dbrx import DbrxExperts  # noqa: E402
-
-from dbrx_tune.modeling.experts import DbrxGroupedExperts, grouped_mm_supported  # noqa: E402
-from provenance import provenance, write_result  # noqa: E402
+from dbrx_tune.modeling.experts import DbrxGroupedExperts, grouped_mm_supported
 
 
 def dbrx_ffn_config(d_model: int, ffn: int, experts: int, top_k: int):

@@ -1,13 +1,14 @@
 """What every benchmark's JSON records beside its numbers, and how it is written.
 
-bench/RESULTS.md promises that a later run by someone else reproduces each committed result; the device, torch
-version, command line and date in every file are what makes that possible. The scripts import this module as a
+bench/RESULTS.md promises that a later run by someone else reproduces each committed result; the device, the
+library versions, command line and date in every file are what makes that possible. The scripts import this module as a
 sibling (`python bench/NAME.py` puts bench/ on sys.path).
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import sys
@@ -20,12 +21,29 @@ def invocation() -> str:
     return " ".join(["python", os.path.relpath(os.path.abspath(sys.argv[0]), REPO_ROOT), *sys.argv[1:]])
 
 
-def provenance(gpu: str, command: str | None = None) -> dict[str, str]:
-    """`gpu`, `torch`, `command` (default: this process's `invocation()`) and `date` for a result file."""
-    import torch
+LIBRARIES = ("torch", "transformers", "peft", "trl", "deepspeed", "accelerate")
+"""Recorded in every result: the numbers depend on each (kernels, DBRX modeling, LoRA layers, ZeRO-3)."""
 
-    return {"gpu": gpu, "torch": torch.__version__, "command": command or invocation(),
-            "date": datetime.date.today().isoformat()}
+KERNEL_LIBRARIES = ("liger-kernel", "torchao", "cut-cross-entropy", "bitsandbytes", "triton")
+"""Recorded when installed: a benchmark that uses one of them depends on its version too."""
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of `LIBRARIES` ("not installed" where absent) and of whichever `KERNEL_LIBRARIES` are."""
+    found = {}
+    for name in LIBRARIES + KERNEL_LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name in LIBRARIES:
+                found[name] = "not installed"
+    return found
+
+
+def provenance(gpu: str, command: str | None = None) -> dict[str, str]:
+    """`gpu`, the library versions (`versions()`; `torch` among them), `command` (default: this process's
+    `invocation()`) and `date` for a result file."""
+    return {"gpu": gpu, **versions(), "command": command or invocation(), "date": datetime.date.today().isoformat()}
 
 
 def write_result(path: str, result: dict) -> None:

@@ -24,23 +24,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import sys
 import time
 
 import torch
+from provenance import provenance, write_result
 from torch import nn
+from transformers import DbrxConfig, DbrxForCausalLM
+from transformers.models.dbrx.modeling_dbrx import DbrxRotaryEmbedding
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformers import DbrxConfig, DbrxForCausalLM  # noqa: E402
-from transformers.models.dbrx.modeling_dbrx import DbrxRotaryEmbedding  # noqa: E402
-
-from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config  # noqa: E402
-from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
-from dbrx_tune.modeling.moe_loss import sync_moe_config  # noqa: E402
-from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts  # noqa: E402
-from provenance import provenance, write_result  # noqa: E402
+from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
+from dbrx_tune.modeling.lora import apply_expert_lora
+from dbrx_tune.modeling.moe_loss import sync_moe_config
+from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts
 
 logger = logging.getLogger("bench.qlora_132b")
 

@@ -20,21 +20,19 @@ import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 
 from provenance import provenance, write_result
 from tiny_pipeline_cuda import stage_summary
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 CONFIGS = {"ep": "zero3_ep.json", "zero3": "zero3.json"}
 VIBE_MAX_NEW_TOKENS = 16  # recipes/tiny/dbrx_sft.yaml's value: the reloaded model must answer like the trained one
 
 
 def deepspeed_config(mode: str, gpus: int, directory: str) -> str:
     """The shipped DeepSpeed config of `mode`, with the EP size set to the GPU count; returns its path."""
-    from dbrx_tune.distributed import read_json_config
+    from dbrx_tune.parallel.launch import read_json_config
 
     config = read_json_config(os.path.join(REPO_ROOT, "recipes", "deepspeed", CONFIGS[mode]))
     if "expert_parallel" in config:
@@ -100,13 +98,12 @@ def reload_and_answer(output_dir: str) -> dict:
     """Answers of the saved checkpoint, reloaded in this process, against the last in-training vibe check."""
     import torch
 
-    from dbrx_tune.modeling.loading import load_causal_lm
-    from dbrx_tune.recipe import ModelArguments
+    from dbrx_tune.args import ModelArguments, VibeArguments
+    from dbrx_tune.build import load_causal_lm
+    from dbrx_tune.evals.vibes.check import VibeChecker
+    from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
+    from dbrx_tune.evals.vibes.report import load_runs
     from dbrx_tune.tokenizer import load_tokenizer
-    from dbrx_tune.vibes.check import VibeChecker
-    from dbrx_tune.vibes.config import VibeArguments
-    from dbrx_tune.vibes.prompts import load_vibe_prompts
-    from dbrx_tune.vibes.report import load_runs
 
     tokenizer = load_tokenizer(output_dir)
     model = load_causal_lm(ModelArguments(model_name_or_path=output_dir, dtype="bfloat16",

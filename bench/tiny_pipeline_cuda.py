@@ -15,22 +15,20 @@ import glob
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 
 from provenance import provenance, write_result
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 STAGES = ("sft", "rm", "dpo", "orpo", "ppo")
 GENERATING_STAGES = ("sft", "dpo", "orpo", "ppo")
 
 
 def vibes_summary(stage_dir: str) -> dict | None:
     """Checks run, answers that failed to generate, and the last check's score per category; None without vibes."""
-    from dbrx_tune.vibes.report import load_runs, score_curves
-    from dbrx_tune.vibes.schema import VIBES_FILE
+    from dbrx_tune.evals.vibes.report import load_runs, score_curves
+    from dbrx_tune.evals.vibes.schema import VIBES_FILE
 
     if not os.path.exists(os.path.join(stage_dir, VIBES_FILE)):
         return None
@@ -84,7 +82,7 @@ def main() -> None:
     }
     write_result(args.output, result)
     if args.vibes_report:
-        from dbrx_tune.vibes.report import write_report
+        from dbrx_tune.evals.vibes.report import write_report
 
         write_report([os.path.join(root, stage) for stage in GENERATING_STAGES], output=args.vibes_report)
     for stage, summary in result["stages"].items():

@@ -29,22 +29,17 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import statistics
-import sys
 import time
 
 import torch
+from provenance import provenance, write_result
+from transformers import DbrxConfig, DbrxForCausalLM
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformers import DbrxConfig, DbrxForCausalLM  # noqa: E402
-
-from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config  # noqa: E402
-from dbrx_tune.modeling.experts import set_experts_implementation  # noqa: E402
-from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
-from dbrx_tune.modeling.moe_loss import sync_moe_config  # noqa: E402
-from provenance import provenance, write_result  # noqa: E402
+from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
+from dbrx_tune.modeling.experts import set_experts_implementation
+from dbrx_tune.modeling.lora import apply_expert_lora
+from dbrx_tune.modeling.moe_loss import sync_moe_config
 
 logger = logging.getLogger("bench.train_step")
 
@@ -93,10 +88,11 @@ def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: t
         torch.cuda.reset_peak_memory_stats(device)
 
     def step(input_ids: torch.Tensor) -> float:
-        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
+        # model and optimizer are deleted at the end of run_mode, which pyflakes reads as undefined here
+        loss = model(  # noqa: F821input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # noqa: F821
+        optimizer.zero_grad(set_to_none=True)  # noqa: F821
         return loss.detach()
 
     losses, times_ms = [], []

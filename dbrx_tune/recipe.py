@@ -2,7 +2,7 @@
 
 A recipe is one flat YAML mapping, in the style of alignment-handbook: every key is named exactly like a field
 of TRL's / transformers' argument dataclasses (`ModelConfig`, `ScriptArguments`, `SFTConfig`, ...), of the
-few DBRX-specific fields added here, or of the vibe-check keys (`dbrx_tune.vibes.config.VibeArguments`, every
+few DBRX-specific fields added here, or of the vibe-check keys (`dbrx_tune.args.VibeArguments`, every
 stage). A stage script is launched as
 
     accelerate launch sft/train.py recipes/dbrx_sft.yaml --learning_rate 1e-5 --num_train_epochs 2
@@ -24,9 +24,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
-from trl import ModelConfig, ScriptArguments
 
-from dbrx_tune.vibes.config import VibeArguments
+from dbrx_tune.args import DataArguments, ModelArguments, RunArguments, VibeArguments
+
+
+# Fields that TRL's `ModelConfig` / `ScriptArguments` bring but no stage of this toolkit acts on. Accepting them
+# would train something other than what the recipe says, so they are refused like unknown keys.
+UNUSED_KEYS = {
+    "use_dora": "DoRA is not implemented for the DBRX expert LoRA; remove the key",
+    "use_rslora": "rank-stabilised LoRA scaling is not implemented for the DBRX expert LoRA; scale lora_alpha instead",
+    "lora_modules_to_save": "DBRX chooses trained modules with lora_target_attention / lora_target_experts / "
+    "train_router; a reward model's score head is always trained",
+    "lora_task_type": "the task type follows the stage (CAUSAL_LM, or SEQ_CLS for reward models)",
+    "load_in_8bit": "8-bit loading is not supported; use load_in_4bit (QLoRA with NF4 experts)",
+    "bnb_4bit_quant_storage": "4-bit weights are stored as uint8 (NF4 experts and bitsandbytes attention)",
+    "dataset_streaming": "datasets are loaded whole so every row is validated before training",
+    "ignore_bias_buffers": "no DBRX module has boolean bias buffers for DDP to ignore",
+}
 
 
 class RecipeError(ValueError):
@@ -41,80 +55,6 @@ class CommandLineValue(str):
 
 
 @dataclass
-class ModelArguments(ModelConfig):
-    """TRL's `ModelConfig` plus the DBRX-specific keys a recipe may set.
-
-    `model_name_or_path` is a hub id (databricks/dbrx-base) or a local directory in the published DBRX layout
-    (safetensors shards, original config.json, tokenizer files when present).
-    """
-
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use; default: the model's own, else the offline DBRX tokenizer."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom code from the model repository. Off unless the recipe asks."}
-    )
-    random_init: bool = field(
-        default=False,
-        metadata={"help": "Build the model from its config with random weights (tiny recipes, benchmarks)."},
-    )
-    experts_implementation: Literal["grouped", "eager"] = field(
-        default="grouped",
-        metadata={"help": "MoE experts: 'grouped' (grouped GEMM, 3D expert weights) or 'eager' (transformers' loop)."},
-    )
-    moe_loss_weight: float | None = field(
-        default=None,
-        metadata={"help": "Router load-balancing loss weight; default: the config's ffn_config.moe_loss_weight."},
-    )
-    lora_dropout: float = field(
-        default=0.0,
-        metadata={"help": "LoRA dropout; must be 0 with expert LoRA (PEFT's parameter LoRA has no dropout)."},
-    )
-    lora_target_attention: bool = field(
-        default=True, metadata={"help": "With use_peft: LoRA on the attention projections Wqkv and out_proj."}
-    )
-    lora_target_experts: bool = field(
-        default=True, metadata={"help": "With use_peft: also put one LoRA per expert on w1/v1/w2."}
-    )
-    train_router: bool = field(default=False, metadata={"help": "With use_peft: train the MoE router weights too."})
-    experts_per_group: int | None = field(
-        default=None,
-        metadata={"help": "With load_in_4bit: dequantize this many experts at a time (less memory, more launches)."},
-    )
-
-
-@dataclass
-class DataArguments(ScriptArguments):
-    """TRL's `ScriptArguments` (dataset_name, dataset_config, splits) plus sample caps for quick runs."""
-
-    eval_dataset_name: str | None = field(
-        default=None, metadata={"help": "Separate evaluation dataset (file, directory or hub id)."}
-    )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation rows."})
-    truncation: bool = field(
-        default=True,
-        metadata={
-            "help": "Truncate samples longer than max_length. When false, such a sample is an error naming the file "
-            "and row, raised before training."
-        },
-    )
-
-
-@dataclass
-class RunArguments:
-    """Keys that belong to a run rather than to the model, the data or the trainer."""
-
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Allow writing into a non-empty output_dir that holds something other than this toolkit's runs "
-            "(transformers 5 dropped the key of this name; nothing is ever deleted)."
-        },
-    )
-
-
-@dataclass
 class Recipe:
     """A parsed recipe: one instance of each argument dataclass, plus the effective YAML mapping."""
 
@@ -125,7 +65,7 @@ class Recipe:
     training: Any
     values: dict[str, Any]
     stage: Any = None
-    vibes: VibeArguments = field(default_factory=VibeArguments)  # vibe checks while training (dbrx_tune.vibes)
+    vibes: VibeArguments = field(default_factory=VibeArguments)  # vibe checks while training (dbrx_tune.evals.vibes)
 
 
 def load_yaml_mapping(path: str) -> dict[str, Any]:
@@ -268,14 +208,16 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
     classes = [ModelArguments, DataArguments, RunArguments, VibeArguments, training_class] + (
         [extra_class] if extra_class else [])
     fields = _fields_by_class(classes)
-    known = {name for class_fields in fields.values() for name in class_fields}
+    known = {name for class_fields in fields.values() for name in class_fields} - set(UNUSED_KEYS)
     unknown = sorted(set(values) - known)
     if unknown:
         lines = []
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-            lines.append(f"unknown key {key!r}{hint}")
+            what = f"key {key!r} is not used by this toolkit: {UNUSED_KEYS[key]}" if key in UNUSED_KEYS else (
+                f"unknown key {key!r}")
+            lines.append(what + hint)
         raise RecipeError(f"{path}: " + "; ".join(lines))
 
     kwargs: dict[type, dict[str, Any]] = {cls: {} for cls in classes}

@@ -2,7 +2,7 @@
 
 Kept out of the notebook so its cells stay short; nothing here is part of the toolkit's API. Every number comes from
 the toolkit itself: models built by transformers on the meta device and wrapped by the toolkit's LoRA, the memory
-planner (`dbrx_tune.plan`), and `sft/train.py` run as a user runs it.
+planner (`dbrx_tune.tools.plan`), and `sft/train.py` run as a user runs it.
 
 Run as a script, this file is the child process of `run_sft`: it runs `sft/train.py`'s `main` and records peak memory.
 """
@@ -19,18 +19,16 @@ import sys
 from collections import Counter
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # as a child process this file runs from notebooks/
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+from transformers import DbrxConfig, DbrxForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import DbrxConfig, DbrxForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel  # noqa: E402
-
-from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config  # noqa: E402
-from dbrx_tune.plan import (  # noqa: E402
+from dbrx_tune.args import ModelArguments
+from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
+from dbrx_tune.recipe import load_yaml_mapping
+from dbrx_tune.tools.plan import (
     DENSE_ATTENTION_TARGETS,
     KNOWN_CONFIGS,
     ModelShape,
@@ -38,7 +36,6 @@ from dbrx_tune.plan import (  # noqa: E402
     model_shape,
     plan_recipe,
 )
-from dbrx_tune.recipe import ModelArguments, load_yaml_mapping  # noqa: E402
 
 REAL_MODELS = {"DBRX 132B": "databricks/dbrx-base", "Llama 2 70B": "meta-llama/Llama-2-70b-hf",
                "Llama 2 7B": "meta-llama/Llama-2-7b-hf"}
@@ -47,6 +44,8 @@ DBRX_LORA_RECIPE, DBRX_QLORA_RECIPE = "recipes/dbrx_sft_lora.yaml", "recipes/dbr
 # The recipe keys that choose the fine-tuning method and mean the same for both models.
 METHOD_KEYS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "bnb_4bit_quant_type",
                "use_bnb_nested_quant", "deepspeed")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- real sizes
@@ -68,7 +67,7 @@ def build_on_meta(config: DbrxConfig | LlamaConfig, model_args: ModelArguments |
     With `model_args`, the toolkit then prepares it for training exactly as `sft/train.py` does (grouped experts,
     LoRA on the targets the recipe keys choose), so trainable counts are those of a real run.
     """
-    from dbrx_tune.modeling.loading import finish_model, prepare_for_training
+    from dbrx_tune.build import finish_model, prepare_for_training
 
     with torch.device("meta"):
         model = (DbrxForCausalLM if isinstance(config, DbrxConfig) else LlamaForCausalLM)(config)
@@ -210,7 +209,8 @@ def recipe_keys_differing(path_a: str, path_b: str) -> dict[str, tuple]:
 
 def dbrx_needs() -> pd.DataFrame:
     """What DBRX needs that Llama 2 does not, with the recipe settings that ask for it, read from the recipes."""
-    from dbrx_tune.distributed import expert_parallel_size, read_json_config, zero_stage
+    from dbrx_tune.parallel.launch import read_json_config
+    from dbrx_tune.parallel.zero3 import expert_parallel_size, zero_stage
 
     ep, zero3, lora = (load_yaml_mapping(path) for path in (DBRX_EP_RECIPE, DBRX_ZERO3_RECIPE, DBRX_LORA_RECIPE))
     rows = [
@@ -341,16 +341,16 @@ def _measure_sft(device: str, result_path: str, argv: list[str]) -> None:
 
 def vibe_check_trained(runs: dict[str, str], device: str, max_new_tokens: int = 16) -> str:
     """Answer the bundled vibe prompts once with each trained model, as the vibe check at its last step would, and
-    write the page that compares them (`python -m dbrx_tune.vibes` does the same); returns the page's path.
+    write the page that compares them (`python -m dbrx_tune.evals.vibes` does the same); returns the page's path.
 
     The timed runs have vibe checks off (see `run_sft`), so this check runs after training, from the saved models.
     """
-    from dbrx_tune.modeling.loading import load_causal_lm
+    from dbrx_tune.args import VibeArguments
+    from dbrx_tune.build import load_causal_lm
+    from dbrx_tune.evals.vibes.check import VibeChecker
+    from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
+    from dbrx_tune.evals.vibes.report import write_report
     from dbrx_tune.tokenizer import load_tokenizer
-    from dbrx_tune.vibes.check import VibeChecker
-    from dbrx_tune.vibes.config import VibeArguments
-    from dbrx_tune.vibes.prompts import load_vibe_prompts
-    from dbrx_tune.vibes.report import write_report
 
     settings = VibeArguments(vibe_prompts="default", vibe_max_new_tokens=max_new_tokens)
     prompts = load_vibe_prompts(settings.vibe_prompts)
@@ -441,7 +441,7 @@ def plot_memory(table: pd.DataFrame, gpus: int, gpu_memory_gb: float):
         right.annotate(f" {n}" if n else " does not fit one GPU", (n, y), va="center", fontsize=8)
     right.set_xlabel(f"smallest number of {gpu_memory_gb:g} GB GPUs")
     left.invert_yaxis()
-    fig.suptitle("Memory planner (dbrx_tune.plan) at real sizes: 4096 tokens, micro-batch 1")
+    fig.suptitle("Memory planner (dbrx_tune.tools.plan) at real sizes: 4096 tokens, micro-batch 1")
     fig.tight_layout()
     return fig
 

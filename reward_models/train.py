@@ -11,17 +11,14 @@ merged before saving, so it is too).
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+from peft import PeftModel
+from trl import RewardConfig
 
-from peft import PeftModel  # noqa: E402
-from trl import RewardConfig  # noqa: E402
-
-from dbrx_tune.modeling.loading import load_sequence_classifier, prepare_for_training  # noqa: E402
-from dbrx_tune.modeling.seq_cls import save_reward_model  # noqa: E402
-from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
-from dbrx_tune.trainers import DbrxRewardTrainer  # noqa: E402
+from dbrx_tune.build import load_sequence_classifier, prepare_for_training
+from dbrx_tune.modeling.seq_cls import save_reward_model
+from dbrx_tune.training.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save
+from dbrx_tune.training.trainers import DbrxRewardTrainer
 
 
 def save_full_reward_model(trainer: DbrxRewardTrainer, output_dir: str) -> None:

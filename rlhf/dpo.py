@@ -9,16 +9,11 @@ reference once up front. The router load-balancing loss applies to the policy on
 
 from __future__ import annotations
 
-import os
-import sys
+from trl import DPOConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from trl import DPOConfig  # noqa: E402
-
-from dbrx_tune.modeling.loading import load_causal_lm, load_reference_model, prepare_for_training  # noqa: E402
-from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
-from dbrx_tune.trainers import DbrxDPOTrainer  # noqa: E402
+from dbrx_tune.build import load_causal_lm, load_reference_model, prepare_for_training
+from dbrx_tune.training.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save
+from dbrx_tune.training.trainers import DbrxDPOTrainer
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,16 +10,12 @@ under LoRA) adds a KL penalty. The router load-balancing loss applies to the pol
 
 from __future__ import annotations
 
-import os
-import sys
+from trl import GRPOConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from trl import GRPOConfig  # noqa: E402
-
-from dbrx_tune.online_rl import OnlineRewardArguments, build_online_trainer  # noqa: E402
-from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
-from dbrx_tune.trainers import DbrxGRPOTrainer  # noqa: E402
+from dbrx_tune.args import OnlineRewardArguments
+from dbrx_tune.training.online_rl import build_online_trainer
+from dbrx_tune.training.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save
+from dbrx_tune.training.trainers import DbrxGRPOTrainer
 
 
 def main(argv: list[str] | None = None) -> dict:

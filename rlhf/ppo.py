@@ -2,22 +2,17 @@
 
     accelerate launch rlhf/ppo.py recipes/dbrx_ppo.yaml [--key value ...]
 
-TRL 1.x has no PPOTrainer; `dbrx_tune.ppo` provides one on accelerate/DeepSpeed. This script only wires the
+TRL 1.x has no PPOTrainer; `dbrx_tune.training.ppo` provides one on accelerate/DeepSpeed. This script only wires the
 pieces together.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+from accelerate.utils import set_seed
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from accelerate.utils import set_seed  # noqa: E402
-
-from dbrx_tune.ppo import PPOConfig, PPOTrainer  # noqa: E402
-from dbrx_tune.ppo.stage import build_ppo_models, train_and_save_ppo  # noqa: E402
-from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage  # noqa: E402
+from dbrx_tune.training.ppo import PPOConfig, PPOTrainer
+from dbrx_tune.training.ppo.models import build_ppo_models
+from dbrx_tune.training.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -28,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     trainer = PPOTrainer(args=args, processing_class=tokenizer, train_dataset=splits["train"],
                          **build_ppo_models(recipe, tokenizer))
-    return train_and_save_ppo(trainer, recipe)
+    return train_and_save(trainer, recipe, "ppo")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Launch a dbrx_tune stage on every node of a SLURM allocation: one `accelerate launch` per node, machine rank =
-# position in the node list, rendezvous at the first node. Settings are checked (python -m dbrx_tune.distributed
+# position in the node list, rendezvous at the first node. Settings are checked (python -m dbrx_tune.tools.launch
 # check) before anything starts.
 #
 #   sbatch --nodes 4 --gpus-per-node 8 --wrap "scripts/slurm_launch.sh -- sft/train.py recipes/dbrx_sft.yaml"
@@ -47,12 +47,12 @@ fi
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF-expandable_segments:True}"  # unset: default; set: kept
 
 python_bin="${PYTHON:-python}"
-mapfile -t hosts < <("$python_bin" -m dbrx_tune.distributed nodes "$nodes")
+mapfile -t hosts < <("$python_bin" -m dbrx_tune.tools.launch nodes "$nodes")
 num_machines=${#hosts[@]}
 num_processes=$((num_machines * gpus_per_node))
 head="${hosts[0]}"
 
-"$python_bin" -m dbrx_tune.distributed check --accelerate-config "$config" --num-machines "$num_machines" \
+"$python_bin" -m dbrx_tune.tools.launch check --accelerate-config "$config" --num-machines "$num_machines" \
   --num-processes "$num_processes" --machine-rank 0 --main-process-ip "$head" --main-process-port "$port" \
   --num-experts "$num_experts"
 

@@ -19,6 +19,6 @@ from_sft=(--model_name_or_path "$root/sft" --random_init false)
 "${launch[@]}" rlhf/orpo.py recipes/tiny/dbrx_orpo.yaml --output_dir "$root/orpo" "$@"
 "${launch[@]}" rlhf/ppo.py recipes/tiny/dbrx_ppo.yaml --output_dir "$root/ppo" "${from_sft[@]}" \
     --reward_model_path "$root/rm" --reward_function null "$@"
-python -m reward_models.rewardbench --model "$root/rm" --dataset dbrx_tune/data/samples/rewardbench_v1_sample.jsonl \
+python -m dbrx_tune.evals.rewardbench --model "$root/rm" --dataset dbrx_tune/data/samples/rewardbench_v1_sample.jsonl \
     --prior-sets dbrx_tune/data/samples/rewardbench_prior_sets_sample.jsonl --output-dir "$root/rewardbench"
 echo "tiny pipeline done: $root/{sft,rm,dpo,orpo,ppo,rewardbench}"

@@ -8,16 +8,11 @@ tokenizer) comes from `dbrx_tune`; this script only wires the pieces together.
 
 from __future__ import annotations
 
-import os
-import sys
+from trl import SFTConfig
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
-
-from trl import SFTConfig  # noqa: E402
-
-from dbrx_tune.modeling.loading import load_causal_lm, prepare_for_training  # noqa: E402
-from dbrx_tune.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save  # noqa: E402
-from dbrx_tune.trainers import DbrxSFTTrainer  # noqa: E402
+from dbrx_tune.build import load_causal_lm, prepare_for_training
+from dbrx_tune.training.stage import load_stage_datasets, load_stage_tokenizer, start_stage, train_and_save
+from dbrx_tune.training.trainers import DbrxSFTTrainer
 
 
 def main(argv: list[str] | None = None) -> dict:

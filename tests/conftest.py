@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -30,3 +28,15 @@ def dbrx_tokenizer():
     from dbrx_tune.tokenizer import build_dbrx_tokenizer
 
     return build_dbrx_tokenizer()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need a CUDA device: skipped, with the reason, on a machine without one."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

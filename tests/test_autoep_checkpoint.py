@@ -16,12 +16,9 @@ import sys
 
 import pytest
 import torch
+from gloo_ranks import VOCAB, build_model, launch_two_ranks, start_gloo_deepspeed
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from gloo_ranks import REPO_ROOT, VOCAB, build_model, launch_two_ranks, start_gloo_deepspeed
-
-sys.path.insert(0, REPO_ROOT)
 
 STEPS = 2
 MICRO_BATCH = 2
@@ -35,7 +32,7 @@ def eval_ids() -> torch.Tensor:
 def _train(ds_config: dict, rank: int, world: int):
     import deepspeed
 
-    from dbrx_tune.distributed import prepare_for_deepspeed
+    from dbrx_tune.parallel.zero3 import prepare_for_deepspeed
 
     ds_config = {**ds_config, "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
                  "train_batch_size": MICRO_BATCH * world}
@@ -57,8 +54,8 @@ def _train_with_trainer(ds_config: dict, output_dir: str, max_steps: int = STEPS
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from dbrx_tune.autoep_checkpoint import DbrxCheckpointMixin
-    from dbrx_tune.distributed import prepare_for_deepspeed
+    from dbrx_tune.parallel.checkpoint import DbrxCheckpointMixin
+    from dbrx_tune.parallel.zero3 import prepare_for_deepspeed
 
     class CheckpointTrainer(DbrxCheckpointMixin, Trainer):
         pass
@@ -86,7 +83,7 @@ def _train_with_trainer(ds_config: dict, output_dir: str, max_steps: int = STEPS
 
 def _worker(out_dir: str) -> None:
     """Both runs of one 2-process job: AutoEP EP=2 under ZeRO-3, then ZeRO-3 without EP."""
-    from dbrx_tune.autoep_checkpoint import consolidated_dbrx_state_dict, has_autoep_layers
+    from dbrx_tune.parallel.checkpoint import consolidated_dbrx_state_dict, has_autoep_layers
 
     start_gloo_deepspeed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

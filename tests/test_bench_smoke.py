@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -50,7 +51,7 @@ def test_qlora_smoke_takes_one_finite_step_on_4bit_experts_and_4bit_attention(tm
     assert math.isfinite(result["loss"])
     assert "NF4" in result["attention"]
     assert set(result["weights_breakdown_gb"]) == {"experts_nf4", "attention", "lora", "embeddings_head_norms_routers"}
-    for key in ("peak_gb", "weights_gb", "gpu", "torch", "command", "date"):
+    for key in ("peak_gb", "weights_gb", "gpu", "torch", "transformers", "peft", "trl", "deepspeed", "command", "date"):
         assert key in result
 
 
@@ -58,11 +59,10 @@ def test_trace_summary_splits_compute_idle_time_into_nccl_wait_and_empty_gpu():
     """bench/trace_summary.py's reading of a timeline, on a hand-built trace whose answer is known by construction:
     compute kernels on stream 7 at [0, 100), [150, 200), [220, 250) ms; an all-gather on stream 20 at [90, 140);
     the host inside `aten::item` at [135, 165) and a stream sync at [195, 215)."""
-    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
-    try:
-        from trace_summary import summarize
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location("trace_summary", os.path.join(REPO_ROOT, "bench", "trace_summary.py"))
+    trace_summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trace_summary)
+    summarize = trace_summary.summarize
 
     def event(category, name, thread, start_ms, duration_ms, pid=0):
         return {"ph": "X", "cat": category, "name": name, "pid": pid, "tid": thread, "ts": start_ms * 1000,

@@ -13,10 +13,7 @@ import sys
 
 import pytest
 import torch
-
 from gloo_ranks import REPO_ROOT, VOCAB, build_model, launch_two_ranks, start_gloo_deepspeed, tiny_config
-
-sys.path.insert(0, REPO_ROOT)
 
 STEPS = 3
 MICRO_BATCH = 2
@@ -48,7 +45,7 @@ def _worker(mode: str, out_path: str) -> None:
     from transformers import DbrxForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    from dbrx_tune.distributed import apply_experts_implementation, prepare_for_deepspeed
+    from dbrx_tune.parallel.zero3 import apply_experts_implementation, prepare_for_deepspeed
 
     start_gloo_deepspeed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -140,7 +137,7 @@ def test_dbrx_autoep_preset_replaces_blocks_with_the_same_outputs_and_router_log
     from deepspeed.module_inject.auto_ep import AutoEP
     from deepspeed.module_inject.auto_ep_config import parse_autoep_config
 
-    from dbrx_tune.autoep_dbrx import prepare_dbrx_for_autoep, register_dbrx_autoep_preset
+    from dbrx_tune.parallel.autoep import prepare_dbrx_for_autoep, register_dbrx_autoep_preset
 
     model = build_model().eval()
     ids = batches(1)[0]
@@ -170,7 +167,7 @@ def test_deepspeed_stock_router_logit_retarget_breaks_on_this_transformers_and_o
     from deepspeed.module_inject.auto_ep_presets.base import _install_instance_transformers_output_recorders
     from transformers.utils import output_capturing
 
-    from dbrx_tune.autoep_dbrx import retarget_router_logit_recorders
+    from dbrx_tune.parallel.autoep import retarget_router_logit_recorders
 
     model = build_model()
     key = str(model.transformer.__class__)
@@ -186,7 +183,7 @@ def test_deepspeed_stock_router_logit_retarget_breaks_on_this_transformers_and_o
 def test_deepspeed_rejects_the_dbrx_preset_until_registered_then_accepts_it():
     from deepspeed.module_inject.auto_ep_presets import registry
 
-    from dbrx_tune.autoep_dbrx import register_dbrx_autoep_preset
+    from dbrx_tune.parallel.autoep import register_dbrx_autoep_preset
 
     register_dbrx_autoep_preset()
     register_dbrx_autoep_preset()  # idempotent
@@ -204,7 +201,8 @@ def ep_config(size, **extra):
 
 
 def test_repo_zero3_ep_config_fits_dbrx_on_one_and_several_nodes():
-    from dbrx_tune.distributed import check_parallel_config, expert_parallel_size, read_json_config
+    from dbrx_tune.parallel.launch import check_parallel_config, read_json_config
+    from dbrx_tune.parallel.zero3 import expert_parallel_size
 
     config = read_json_config(os.path.join(REPO_ROOT, "recipes/deepspeed/zero3_ep.json"))
     assert expert_parallel_size(config) == 8
@@ -217,8 +215,8 @@ def test_repo_zero3_ep_config_passes_deepspeeds_own_autoep_validation():
     accepts together; a typo or a combination it rejects would otherwise surface only on the GPU cluster."""
     from deepspeed.module_inject.auto_ep_config import parse_autoep_config, validate_autoep_config
 
-    from dbrx_tune.autoep_dbrx import register_dbrx_autoep_preset
-    from dbrx_tune.distributed import read_json_config
+    from dbrx_tune.parallel.autoep import register_dbrx_autoep_preset
+    from dbrx_tune.parallel.launch import read_json_config
 
     register_dbrx_autoep_preset()
     config = read_json_config(os.path.join(REPO_ROOT, "recipes/deepspeed/zero3_ep.json"))
@@ -241,14 +239,14 @@ def test_repo_zero3_ep_config_passes_deepspeeds_own_autoep_validation():
     (ep_config(2, expert_parallel={"preset_model": "mixtral"}), {"world_size": 8, "num_experts": 16}, "'dbrx'"),
 ])
 def test_bad_parallel_settings_are_rejected_before_launch(config, kwargs, message):
-    from dbrx_tune.distributed import ParallelConfigError, check_parallel_config
+    from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config
 
     with pytest.raises(ParallelConfigError, match=message):
         check_parallel_config(config, **kwargs)
 
 
 def test_zero3_without_ep_and_ep_under_zero2_pass_the_checks():
-    from dbrx_tune.distributed import check_parallel_config
+    from dbrx_tune.parallel.launch import check_parallel_config
 
     check_parallel_config({"zero_optimization": {"stage": 3}}, world_size=6, num_experts=16, use_peft=True)
     check_parallel_config(ep_config(2, zero_optimization={"stage": 2, "zero_quantized_gradients": True}),
@@ -264,7 +262,7 @@ def test_zero3_without_ep_and_ep_under_zero2_pass_the_checks():
     ({"rdzv_backend": "tcp"}, "rdzv_backend"),
 ])
 def test_multi_node_launch_without_complete_addresses_is_rejected(override, message):
-    from dbrx_tune.distributed import ParallelConfigError, check_launch_settings
+    from dbrx_tune.parallel.launch import ParallelConfigError, check_launch_settings
 
     settings = {"num_machines": 2, "num_processes": 16, "machine_rank": 1, "main_process_ip": "10.0.0.1",
                 "main_process_port": 29500, "rdzv_backend": "c10d"}
@@ -274,7 +272,7 @@ def test_multi_node_launch_without_complete_addresses_is_rejected(override, mess
 
 
 def test_repo_accelerate_configs_check_out():
-    from dbrx_tune.distributed import ParallelConfigError, check_launch_settings
+    from dbrx_tune.parallel.launch import ParallelConfigError, check_launch_settings
     from dbrx_tune.recipe import load_yaml_mapping
 
     os.chdir(REPO_ROOT)
@@ -288,7 +286,7 @@ def test_repo_accelerate_configs_check_out():
 
 
 def test_slurm_node_lists_expand_like_scontrol():
-    from dbrx_tune.distributed import expand_nodelist
+    from dbrx_tune.parallel.launch import expand_nodelist
 
     assert expand_nodelist("gpu[01-03,07],login1") == ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]
     assert expand_nodelist("a1,b[9-10]") == ["a1", "b9", "b10"]

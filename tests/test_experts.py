@@ -147,6 +147,7 @@ def test_unknown_implementation_is_rejected():
         set_experts_implementation(_tiny_model(), "fast")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and grouped_mm_supported(torch.device("cuda"), torch.bfloat16)),
     reason="needs torch._grouped_mm (CUDA compute capability >= 9.0)",
@@ -218,6 +219,7 @@ def test_gather_backward_sums_each_tokens_copies_like_indexing():
     torch.testing.assert_close(dx, dx_ref)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(
     not (torch.cuda.is_available() and grouped_mm_supported(torch.device("cuda"), torch.bfloat16)),
     reason="needs torch._grouped_mm (CUDA compute capability >= 9.0)",
@@ -295,7 +297,7 @@ def test_experts_with_the_fused_function_match_eager_under_checkpointing_and_lor
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused SwiGLU kernels run on CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [0, 3, 300])
 def test_fused_swiglu_kernels_match_eager_on_gpu(dtype, rows):

@@ -13,12 +13,12 @@ from datasets import Dataset
 from transformers import DbrxForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
+from dbrx_tune.build import set_generation_tokens
 from dbrx_tune.modeling.config import tiny_dbrx_config
-from dbrx_tune.modeling.loading import set_generation_tokens
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification, save_reward_model
-from dbrx_tune.online_rl import RuleRewardFunc
-from dbrx_tune.ppo.rewards import RewardModelError
+from dbrx_tune.rewards.loader import RewardModelError
+from dbrx_tune.rewards.rules import RuleRewardFunc
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GRPO = os.path.join(REPO_ROOT, "recipes/tiny/dbrx_grpo.yaml")

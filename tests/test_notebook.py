@@ -181,7 +181,7 @@ def test_notebook_measures_both_tiny_runs_side_by_side(executed):
 
 def test_notebook_shows_both_models_answering_every_vibe_prompt(executed):
     notebook, summary = executed
-    from dbrx_tune.vibes.prompts import load_vibe_prompts
+    from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
 
     n_prompts = len(load_vibe_prompts("default"))
     assert set(summary["vibes"]) == {"dbrx", "llama2"}

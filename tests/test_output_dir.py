@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from dbrx_tune.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
+from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 
 
 def test_new_and_empty_directories_are_accepted(tmp_path):

@@ -9,10 +9,9 @@ import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+from dbrx_tune.tools.plan import KNOWN_CONFIGS, ModelShape, plan
 
-from dbrx_tune.plan import KNOWN_CONFIGS, ModelShape, plan  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DBRX = ModelShape(**KNOWN_CONFIGS["databricks/dbrx-base"])
 ZERO3 = {"zero_optimization": {"stage": 3}}
@@ -55,7 +54,7 @@ def test_checkpointing_expert_parallelism_and_lora_each_shrink_the_plan():
 
 def test_cli_plans_the_dbrx_recipe_offline_as_json_and_table():
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "dbrx_tune.plan", "recipes/dbrx_sft.yaml", "--gpus", "16", "--gpu-memory", "80"]
+    command = [sys.executable, "-m", "dbrx_tune.tools.plan", "recipes/dbrx_sft.yaml", "--gpus", "16", "--gpu-memory", "80"]
     result = subprocess.run(command + ["--json"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -66,7 +65,7 @@ def test_cli_plans_the_dbrx_recipe_offline_as_json_and_table():
 
 
 def test_cli_names_a_missing_recipe():
-    result = subprocess.run([sys.executable, "-m", "dbrx_tune.plan", "nope.yaml", "--gpus", "8"], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-m", "dbrx_tune.tools.plan", "nope.yaml", "--gpus", "8"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "nope.yaml" in result.stderr
 
@@ -110,9 +109,9 @@ def test_lora_count_equals_what_the_toolkit_trains(model_dir, recipe_values):
     import torch
     from transformers import DbrxForCausalLM, LlamaForCausalLM
 
-    from dbrx_tune.modeling.loading import finish_model, is_dbrx, load_model_config, prepare_for_training
-    from dbrx_tune.plan import lora_targets, model_shape
-    from dbrx_tune.recipe import ModelArguments
+    from dbrx_tune.args import ModelArguments
+    from dbrx_tune.build import finish_model, is_dbrx, load_model_config, prepare_for_training
+    from dbrx_tune.tools.plan import lora_targets, model_shape
 
     args = ModelArguments(model_name_or_path=os.path.join(REPO_ROOT, model_dir), use_peft=True, lora_r=8,
                           **recipe_values)
@@ -127,12 +126,12 @@ def test_lora_count_equals_what_the_toolkit_trains(model_dir, recipe_values):
 
 def test_llama2_recipe_plans_offline_and_needs_fewer_gpus_than_dbrx(monkeypatch):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-m", "dbrx_tune.plan", "recipes/llama2_sft.yaml", "--gpus", "8",
+    result = subprocess.run([sys.executable, "-m", "dbrx_tune.tools.plan", "recipes/llama2_sft.yaml", "--gpus", "8",
                              "--json"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     llama_70b = json.loads(result.stdout)
     assert {"fits", "per_gpu_gb", "min_gpus"} <= set(llama_70b) and llama_70b["method"] == "full"
-    from dbrx_tune.plan import plan_recipe
+    from dbrx_tune.tools.plan import plan_recipe
 
     monkeypatch.chdir(REPO_ROOT)  # recipes name their DeepSpeed config relative to the repository root
     dbrx = plan_recipe("recipes/dbrx_sft_zero3.yaml", gpus=8, gpu_memory_gb=80)
@@ -169,7 +168,7 @@ def test_expert_parallelism_on_a_dense_model_is_an_error():
 
 
 def test_a_config_neither_dbrx_nor_llama_style_is_named(tmp_path):
-    from dbrx_tune.plan import model_shape
+    from dbrx_tune.tools.plan import model_shape
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match=f"{tmp_path}.*gpt2"):

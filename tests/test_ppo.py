@@ -13,12 +13,16 @@ from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import DbrxForCausalLM
 
+from dbrx_tune.build import set_generation_tokens
 from dbrx_tune.modeling.config import tiny_dbrx_config
-from dbrx_tune.modeling.loading import set_generation_tokens
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification, save_reward_model
-from dbrx_tune.ppo import DbrxForTokenValue, PPOConfig, PPOTrainer, RewardModelError, ScoringBatch, parse_reward_function
-from dbrx_tune.ppo.core import (
+from dbrx_tune.modeling.value_head import DbrxForTokenValue
+from dbrx_tune.rewards.loader import RewardModelError, load_reward_model
+from dbrx_tune.rewards.rules import parse_reward_function
+from dbrx_tune.rewards.scorer import RewardModelScorer, ScoringBatch
+from dbrx_tune.training.ppo import PPOConfig, PPOTrainer
+from dbrx_tune.training.ppo.core import (
     apply_missing_eos_penalty,
     clipped_policy_loss,
     clipped_value_loss,
@@ -27,7 +31,6 @@ from dbrx_tune.ppo.core import (
     stop_mask,
     token_rewards,
 )
-from dbrx_tune.ppo.rewards import RewardModelScorer, load_reward_model
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IM_END = 100279
@@ -173,7 +176,7 @@ def test_reward_model_rescored_from_text_when_its_tokenizer_differs(tiny_reward_
 
 
 def tiny_args_model():
-    from dbrx_tune.recipe import ModelArguments
+    from dbrx_tune.args import ModelArguments
 
     return ModelArguments(model_name_or_path="unused", dtype="float32")
 
@@ -275,8 +278,8 @@ def test_training_resumes_from_a_checkpoint_at_the_saved_update(tmp_path, dbrx_t
 def test_ppo_stage_answers_the_vibe_prompts_at_start_saves_and_end(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dbrx_tune.vibes.prompts import load_vibe_prompts
-    from dbrx_tune.vibes.schema import CATEGORY_METRIC, VIBES_FILE
+    from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
+    from dbrx_tune.evals.vibes.schema import CATEGORY_METRIC, VIBES_FILE
     from rlhf.ppo import main
 
     out = tmp_path / "out"

@@ -16,11 +16,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from gloo_ranks import REPO_ROOT, WORLD, ZERO3_AUTO, launch_two_ranks, start_gloo_deepspeed
-
-sys.path.insert(0, REPO_ROOT)
+from safetensors.torch import load_file
 
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_ppo.yaml")
 UPDATES = 2
@@ -102,8 +99,9 @@ def test_zero3_ppo_saves_a_trained_policy_that_stock_dbrx_loads_in_the_original_
 
 
 def test_zero3_ppo_saves_a_trained_value_model_that_load_value_model_restores(ppo_run):
-    from dbrx_tune.ppo.value_model import DbrxForTokenValue, load_value_model
-    from dbrx_tune.recipe import ModelArguments
+    from dbrx_tune.args import ModelArguments
+    from dbrx_tune.build import load_value_model
+    from dbrx_tune.modeling.value_head import DbrxForTokenValue
 
     out, _ = ppo_run
     directory = str(out / "value_model")

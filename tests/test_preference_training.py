@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from dbrx_tune.vibes.prompts import load_vibe_prompts
-from dbrx_tune.vibes.schema import VIBES_FILE
+from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
+from dbrx_tune.evals.vibes.schema import VIBES_FILE
 from rlhf.dpo import main as train_dpo
 from rlhf.orpo import main as train_orpo
 
@@ -59,8 +59,8 @@ def test_preference_stage_answers_every_vibe_prompt_before_and_after_training(pr
 
 
 def test_dpo_reference_model_is_frozen_and_skips_router_loss():
-    from dbrx_tune.modeling.loading import load_reference_model
-    from dbrx_tune.recipe import ModelArguments
+    from dbrx_tune.args import ModelArguments
+    from dbrx_tune.build import load_reference_model
 
     args = ModelArguments(model_name_or_path=os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx-tiny"),
                           random_init=True, dtype="float32")

@@ -4,13 +4,13 @@ import pytest
 import torch
 from transformers import DbrxForCausalLM
 
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
+import bitsandbytes.functional as bnb_functional  # a hard dependency: a broken install must fail, not skip
 
-from dbrx_tune.merge import main as merge_main  # noqa: E402
 from dbrx_tune.modeling.config import tiny_dbrx_config  # noqa: E402
 from dbrx_tune.modeling.experts import DbrxGroupedExperts, set_experts_implementation  # noqa: E402
 from dbrx_tune.modeling.lora import apply_expert_lora  # noqa: E402
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts, quantize_experts_4bit  # noqa: E402
+from dbrx_tune.tools.merge import main as merge_main  # noqa: E402
 
 IDS = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
 
@@ -88,7 +88,7 @@ def test_qlora_trains_only_adapters_on_4bit_experts():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    with pytest.raises(ValueError, match="dbrx_tune.merge"):
+    with pytest.raises(ValueError, match="dbrx_tune.tools.merge"):
         peft_model.merge_and_unload()
 
 

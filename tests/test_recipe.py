@@ -19,11 +19,11 @@ def stage_classes_for(recipe_path: str) -> tuple[type, type | None]:
     if "_grpo" in name or "_rloo" in name:
         from trl import GRPOConfig, RLOOConfig
 
-        from dbrx_tune.online_rl import OnlineRewardArguments
+        from dbrx_tune.args import OnlineRewardArguments
 
         return (GRPOConfig if "_grpo" in name else RLOOConfig), OnlineRewardArguments
     if "_ppo" in name:
-        from dbrx_tune.ppo import PPOConfig
+        from dbrx_tune.training.ppo import PPOConfig
 
         return PPOConfig, None
     if "_orpo" in name:
@@ -83,6 +83,19 @@ def test_unknown_override_is_rejected_too(tmp_path):
         parse_recipe([write(tmp_path, BASE), "--moe_los_weight", "0.1"], SFTConfig)
 
 
+@pytest.mark.parametrize(("line", "closest"), [("use_dora: true\n", None), ("load_in_8bit: true\n", "load_in_4bit"),
+                                             ("use_rslora: false\n", None), ("lora_modules_to_save: [score]\n", None),
+                                             ("lora_task_type: SEQ_CLS\n", None), ("dataset_streaming: true\n", None)])
+def test_keys_trl_brings_but_the_toolkit_ignores_are_refused(tmp_path, line, closest):
+    """TRL's ModelConfig / ScriptArguments accept these; nothing here acts on them, so a recipe setting them would
+    silently train something else (whatever the value: `false` is refused too, the key does nothing)."""
+    key = line.split(":")[0]
+    with pytest.raises(RecipeError, match=f"key '{key}' is not used by this toolkit") as err:
+        parse_recipe([write(tmp_path, BASE + line)], SFTConfig)
+    if closest:
+        assert closest in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -101,7 +114,7 @@ def test_wrong_types_name_the_key(tmp_path, line, message):
 
 
 def test_vibe_keys_parse_for_every_stage_and_are_off_unless_set(tmp_path):
-    from dbrx_tune.ppo import PPOConfig
+    from dbrx_tune.training.ppo import PPOConfig
 
     recipe = parse_recipe([write(tmp_path, BASE), "--vibe_prompts", "default", "--vibe_steps", "25"], SFTConfig)
     assert recipe.vibes.enabled and (recipe.vibes.vibe_prompts, recipe.vibes.vibe_steps) == ("default", 25)

@@ -13,15 +13,11 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import DbrxForCausalLM, PreTrainedTokenizerFast
 
-from dbrx_tune.modeling.config import tiny_dbrx_config
-from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification, save_reward_model
-from reward_models import rewardbench
-from reward_models.benchmark_data import PairExample, load_benchmark, load_prior_sets
-from reward_models.evaluation import evaluate_pairs
-from reward_models.export import format_section_table, normalize_model_name, write_leaderboard_files
-from reward_models.model_loading import load_reward_model
-from reward_models.scoring import DpoRewardScorer, RewardModelScorer, check_tokenizer_matches, format_conversation
-from reward_models.sections import (
+from dbrx_tune.evals.rewardbench.benchmark_data import PairExample, load_benchmark, load_prior_sets
+from dbrx_tune.evals.rewardbench.evaluation import evaluate_pairs
+from dbrx_tune.evals.rewardbench.export import format_section_table, normalize_model_name, write_leaderboard_files
+from dbrx_tune.evals.rewardbench.scoring import DpoRewardScorer
+from dbrx_tune.evals.rewardbench.sections import (
     V1_EXAMPLE_COUNTS,
     V1_SECTIONS,
     best_of_n_result,
@@ -30,6 +26,11 @@ from reward_models.sections import (
     v1_sections,
     v2_sections,
 )
+from dbrx_tune.modeling.config import tiny_dbrx_config
+from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification, save_reward_model
+from dbrx_tune.rewards.loader import load_reward_model
+from dbrx_tune.rewards.scorer import RewardModelScorer, check_tokenizer_matches, format_conversation
+from dbrx_tune.evals.rewardbench import cli as rewardbench
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dbrx_tune" / "data" / "samples"
 V1_SAMPLE = SAMPLES / "rewardbench_v1_sample.jsonl"
@@ -177,7 +178,7 @@ def test_unknown_v1_subsets_are_scored_and_reported_separately():
     ("/abs/path/to/rm/", "to/rm", True),
 ])
 def test_model_names_are_normalised_to_org_slash_model(given, expected, warns, caplog):
-    with caplog.at_level(logging.WARNING, logger="reward_models.export"):
+    with caplog.at_level(logging.WARNING, logger="dbrx_tune.evals.rewardbench.export"):
         assert normalize_model_name(given) == expected
     assert bool(caplog.records) == warns
 
@@ -354,7 +355,7 @@ def test_long_conversations_are_truncated_from_the_left(reward_model_dir, tokeni
     prompt, response = [{"role": "user", "content": "a long question " * 20}], "the answer"
     full_ids = tokenizer(format_conversation(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
     scorer = RewardModelScorer(load_reward_model(str(reward_model_dir)), tokenizer, max_length=16)
-    with caplog.at_level(logging.WARNING, logger="reward_models.scoring"):
+    with caplog.at_level(logging.WARNING, logger="dbrx_tune.evals.rewardbench.scoring"):
         (encoded,) = scorer.encode([prompt], [response])
     assert encoded == full_ids[-16:] and len(full_ids) > 16
     assert "truncated from the left" in caplog.text

@@ -16,18 +16,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+from gloo_ranks import ZERO3_AUTO, launch_two_ranks, start_gloo_deepspeed
 from transformers import DbrxForCausalLM
 
+from dbrx_tune.args import VibeArguments
+from dbrx_tune.build import set_generation_tokens
+from dbrx_tune.evals.vibes.check import VibeChecker
+from dbrx_tune.evals.vibes.prompts import VibePrompt, VibePromptError, load_vibe_prompts
+from dbrx_tune.evals.vibes.schema import CATEGORIES, CATEGORY_METRIC, PRIMARY_SCORE, VIBES_FILE, VibeRecord
+from dbrx_tune.evals.vibes.scoring import LEAK_SPAN_WORDS, is_refusal, score_answer
 from dbrx_tune.modeling.config import tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_experts_implementation
-from dbrx_tune.modeling.loading import set_generation_tokens
 from dbrx_tune.modeling.moe_loss import sync_moe_config
-from dbrx_tune.vibes.check import VibeChecker
-from dbrx_tune.vibes.config import VibeArguments
-from dbrx_tune.vibes.prompts import VibePrompt, VibePromptError, load_vibe_prompts
-from dbrx_tune.vibes.schema import CATEGORIES, CATEGORY_METRIC, PRIMARY_SCORE, VIBES_FILE, VibeRecord
-from dbrx_tune.vibes.scoring import LEAK_SPAN_WORDS, is_refusal, score_answer
-from gloo_ranks import ZERO3_AUTO, launch_two_ranks, start_gloo_deepspeed
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
@@ -203,7 +203,7 @@ def test_expert_parallel_layers_make_every_rank_generate(monkeypatch):
 
     from torch import nn
 
-    from dbrx_tune.vibes import generation
+    from dbrx_tune.evals.vibes import generation
 
     class AutoEPMoELayer(nn.Module):
         def __init__(self, ep_size: int):
@@ -277,7 +277,7 @@ def test_result_has_one_scalar_per_category_and_every_record_its_primary_score(d
 
 
 def test_left_padded_batch_gives_the_answers_of_one_prompt_at_a_time(dbrx_tokenizer):
-    from dbrx_tune.vibes.generation import generate_answers, training_state_kept
+    from dbrx_tune.evals.vibes.generation import generate_answers, training_state_kept
 
     model = tiny_model(dbrx_tokenizer)
     conversations = [[{"role": "user", "content": "Hi"}],
@@ -393,7 +393,7 @@ def test_vibe_checks_leave_the_loss_trajectory_unchanged(sft_runs):
 @pytest.fixture(scope="module")
 def sft_run_with_a_failing_prompt(tmp_path_factory):
     """(output_dir, metrics) of a 2-step SFT run saving after each step, where generating one prompt always fails."""
-    from dbrx_tune.vibes import generation
+    from dbrx_tune.evals.vibes import generation
 
     original = generation._generate
 

@@ -64,7 +64,7 @@ class ParamWrapper(lora_layer.ParamWrapper):
         if isinstance(self.get_base_layer(), DbrxNF4Experts):
             raise ValueError(
                 "cannot merge a LoRA into 4-bit experts; merge the saved adapter into the bf16 base checkpoint with "
-                "`python -m dbrx_tune.merge --base PATH --adapter PATH --output PATH`"
+                "`python -m dbrx_tune.tools.merge --base PATH --adapter PATH --output PATH`"
             )
         super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
 

@@ -7,6 +7,10 @@ reads `config.num_experts` / `config.num_experts_per_tok` (absent too, so a non-
 TRL's experimental ORPO trainer instead switches the loss on from `config.output_router_logits`.
 `sync_moe_config` gives the config those generic names, derived from `ffn_config`, so TRL weights the DBRX loss
 by DBRX's own coefficient. They are recomputed on every load, so they never drift from `ffn_config`.
+
+One switch for every stage: the loader calls `sync_moe_config`, and each trainer reads `router_loss_weight(model)`
+(= `config.router_aux_loss_coef`): TRL's SFT, DPO, GRPO and RLOO trainers read it themselves; the toolkit's
+reward, ORPO and PPO trainers (`dbrx_tune.training`) read it through this function.
 """
 
 from __future__ import annotations
@@ -30,8 +34,7 @@ def sync_moe_config(config: DbrxConfig, moe_loss_weight: float | None = None) ->
     return config
 
 
-def request_router_logits(config: DbrxConfig) -> DbrxConfig:
-    """Have the model return router logits whenever the DBRX loss weight is non-zero (for trainers, such as
-    TRL's ORPO, that enable the aux loss from `config.output_router_logits`; TRL's SFT/DPO set it themselves)."""
-    config.output_router_logits = config.ffn_config.moe_loss_weight > 0
-    return config
+def router_loss_weight(model) -> float:
+    """The router load-balancing loss weight a trainer adds for `model` (a model or a PEFT wrapper): the
+    `router_aux_loss_coef` that `sync_moe_config` set; 0 for a model without a router (a dense model)."""
+    return float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)

@@ -1,0 +1,1 @@
+"""Evaluations: RewardBench scoring and its leaderboard files (`rewardbench`), vibe checks and their report (`vibes`)."""

@@ -1,0 +1,3 @@
+from dbrx_tune.evals.rewardbench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The life cycle every stage script shares: parse and check, build, train, save.
+
+Stage scripts (`sft/train.py`, `reward_models/train.py`, `rlhf/*.py`) stay a page long by calling these in order;
+the TRL trainers and the toolkit's PPO trainer go through the same `train_and_save`.
+Everything that can be checked without a model (recipe, output directory, vibe prompt file, dataset schema and
+lengths) is checked by `start_stage` / `load_stage_datasets` before any weights are loaded. `train_and_save`
+attaches the recipe's vibe checks (`dbrx_tune.evals.vibes`) to the trainer, so every generating stage gets them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import datasets
+import transformers
+import yaml
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer, set_seed
+from trl import RewardConfig
+
+from dbrx_tune.build import is_dbrx, load_model_config
+from dbrx_tune.data import load_splits
+from dbrx_tune.data.validation import (
+    check_lengths,
+    validate_preference_dataset,
+    validate_prompt_dataset,
+    validate_sft_dataset,
+)
+from dbrx_tune.evals.vibes.callback import VibeCallback
+from dbrx_tune.evals.vibes.check import VibeChecker
+from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
+from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config, read_json_config
+from dbrx_tune.parallel.zero3 import expert_parallel_size
+from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
+from dbrx_tune.tokenizer import load_tokenizer
+from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
+
+logger = logging.getLogger("dbrx_tune")
+
+VALIDATORS = {
+    "sft": validate_sft_dataset,
+    "preference": validate_preference_dataset,
+    "prompt": validate_prompt_dataset,
+}
+
+
+def setup_logging(main_process: bool) -> None:
+    """INFO on the main process, WARNING elsewhere, for us and the libraries we drive."""
+    level = logging.INFO if main_process else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(level)
+
+
+def start_stage(argv: list[str] | None, training_class: type, stage_class: type | None = None) -> Recipe:
+    """Parse the recipe, check the output directory, the model config and the parallel settings.
+
+    Exits with a one-line message naming the file and key on bad input, before anything is loaded or written.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        recipe = parse_recipe(argv, training_class, stage_class)
+    except RecipeError as err:
+        raise SystemExit(f"error: {err}") from None
+    args = recipe.training
+    setup_logging(args.process_index == 0)
+    # Seed before anything is built: a random-init model (tiny recipes, benchmarks) gets the same weights on every
+    # run of the recipe; the trainers only seed later, in their constructors.
+    set_seed(args.seed)
+    try:
+        check_output_dir(
+            args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
+        )
+        config = load_model_config(recipe.model)
+        if args.deepspeed:
+            check_parallelism(recipe, config)
+        check_vibe_settings(recipe, training_class)
+    except (OutputDirError, ParallelConfigError, OSError, ValueError) as err:
+        raise SystemExit(f"error: {recipe.path}: {err}") from None
+    return recipe
+
+
+def check_vibe_settings(recipe: Recipe, training_class: type) -> None:
+    """Refuse vibe checks for a stage that cannot generate, and a prompt file with a bad row (named)."""
+    if not recipe.vibes.enabled:
+        return
+    if issubclass(training_class, RewardConfig):
+        raise ValueError("vibe_prompts: a reward model does not generate text; remove vibe_prompts from this recipe")
+    load_vibe_prompts(recipe.vibes.vibe_prompts)
+
+
+def build_vibe_checker(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, stage: str) -> VibeChecker | None:
+    """The recipe's vibe checker for a run of `stage` ("sft", "dpo", ...), or None when vibe checks are off."""
+    if not recipe.vibes.enabled:
+        return None
+    return VibeChecker(load_vibe_prompts(recipe.vibes.vibe_prompts), tokenizer, recipe.vibes,
+                       output_dir=recipe.training.output_dir, stage=stage)
+
+
+def add_vibe_checks(trainer: Trainer, recipe: Recipe, stage: str) -> None:
+    """Attach the recipe's vibe checks to a transformers/TRL trainer (nothing when `vibe_prompts` is unset)."""
+    checker = build_vibe_checker(recipe, trainer.processing_class, stage)
+    if checker is not None:
+        trainer.add_callback(VibeCallback(trainer, checker, recipe.vibes.vibe_steps))
+
+
+def check_parallelism(recipe: Recipe, config: PretrainedConfig) -> None:
+    """Refuse DeepSpeed / expert-parallel settings that cannot run on this launch, before any weights load."""
+    ds_config = recipe.training.deepspeed
+    source = ds_config if isinstance(ds_config, str) else "deepspeed"
+    if isinstance(ds_config, str):
+        ds_config = read_json_config(ds_config)
+    model_args = recipe.model
+    if not is_dbrx(config):
+        if expert_parallel_size(ds_config) > 1:
+            raise ParallelConfigError(f"{source}: expert_parallel needs a mixture-of-experts model, not {config.model_type}")
+        return
+    check_parallel_config(
+        ds_config,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        num_experts=config.ffn_config.moe_num_experts,
+        experts_implementation=model_args.experts_implementation,
+        use_peft=model_args.use_peft,
+        load_in_4bit=model_args.load_in_4bit,
+        source=source,
+    )
+
+
+def load_stage_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The tokenizer shipped with the model, else the offline DBRX tokenizer."""
+    model_args = recipe.model
+    return load_tokenizer(
+        model_args.model_name_or_path,
+        tokenizer_name_or_path=model_args.tokenizer_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def load_stage_datasets(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase,
+                        max_length: int | None = None) -> datasets.DatasetDict:
+    """Load train/test splits and validate them for a stage of `kind` ("sft", "preference" or "prompt").
+
+    Every prompt must leave room for a completion under `max_length`, and with the recipe's `truncation: false`
+    every whole row must fit; errors name the file and row.
+    """
+    data = recipe.data
+    if not data.dataset_name:
+        raise SystemExit(f"error: {recipe.path}: dataset_name is required")
+    try:
+        return _load_and_validate(recipe, kind, tokenizer, max_length)
+    except (OSError, ValueError) as err:  # missing files, schema and length errors name the file and row
+        raise SystemExit(f"error: {recipe.path}: {err}") from None
+
+
+def _load_and_validate(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase,
+                       max_length: int | None) -> datasets.DatasetDict:
+    data = recipe.data
+    splits = load_splits(
+        data.dataset_name,
+        config=data.dataset_config,
+        train_split=data.dataset_train_split,
+        test_split=data.dataset_test_split,
+        eval_dataset_name=data.eval_dataset_name,
+        require_test=recipe.training.eval_strategy != "no",
+        max_train_samples=data.max_train_samples,
+        max_eval_samples=data.max_eval_samples,
+        seed=recipe.training.seed,
+    )
+    for split, dataset in splits.items():
+        source = f"{data.eval_dataset_name if split != 'train' and data.eval_dataset_name else data.dataset_name} [{split}]"
+        VALIDATORS[kind](dataset, source)
+        if max_length is not None:
+            check_lengths(dataset, tokenizer, max_length, source, allow_truncation=data.truncation)
+    return splits
+
+
+def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
+                   save_model: Callable[[Trainer, str], None] | None = None) -> dict:
+    """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint, the resolved
+    recipe and the metrics.
+
+    `save_model(trainer, output_dir)` replaces the default `trainer.save_model(output_dir)` (the stage trainers of
+    `dbrx_tune.training.trainers` write DBRX's original names and layout also from ZeRO-3 or expert-parallel training).
+    """
+    args = trainer.args
+    if trainer.is_world_process_zero():
+        mark_output_dir(args.output_dir, stage, recipe.path)
+    add_vibe_checks(trainer, recipe, stage)
+    resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+    # TRL switches router logits on for training; a saved model must generate without computing the loss (PPO's
+    # policy-and-value module has no config: it asks for router logits per forward)
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(trained, "config"):
+        trained.config.output_router_logits = False
+    if save_model is not None:
+        save_model(trainer, args.output_dir)
+    else:
+        trainer.save_model(args.output_dir)
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+    if trainer.is_world_process_zero():
+        processing_class = trainer.processing_class
+        if processing_class is not None:
+            processing_class.save_pretrained(args.output_dir)
+        save_recipe(recipe, args.output_dir)
+        logger.info("saved %s model, tokenizer, recipe and metrics to %s", stage, args.output_dir)
+    for tracker in trainer.accelerator.trackers:  # trainers logging through accelerate (PPO): flush and close
+        tracker.finish()
+    return metrics
+
+
+def save_recipe(recipe: Recipe, output_dir: str) -> None:
+    """Write the effective recipe (file values plus overrides) as `recipe.yaml`, re-runnable as is."""
+    values = json.loads(json.dumps(recipe.values, default=str))  # enums and paths as plain strings
+    with open(os.path.join(output_dir, "recipe.yaml"), "w", encoding="utf-8") as handle:
+        yaml.safe_dump(values, handle, sort_keys=False)
