@@ -29,8 +29,7 @@ import sys
 import time
 
 import torch
-
-from provenance import provenance, write_result  (bench/, this script's directory)
+from provenance import provenance, write_result  # bench/, this script's directory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,9 +52,15 @@ def training_arguments(mode: str, world: int, grad_accum: int, ep_options: dict,
     if mode == "ep":
         config["expert_parallel"].update(autoep_size=world, **ep_options)
     return TrainingArguments(
-        output_dir=output_dir, deepspeed=config, bf16=True, per_device_train_batch_size=1,
-        gradient_accumulation_steps=grad_accum, learning_rate=1e-5,
-        weight_decay=0.0, max_grad_norm=1.0, report_to=[],
+        output_dir=output_dir,
+        deepspeed=config,
+        bf16=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=1e-5,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        report_to=[],
     )
 
 
@@ -70,10 +75,19 @@ def bench_config(layers: int):
     from dbrx_tune.modeling.moe_loss import sync_moe_config
 
     config = tiny_dbrx_config(
-        d_model=6144, n_heads=48, n_layers=layers, max_seq_len=32768,
+        d_model=6144,
+        n_heads=48,
+        n_layers=layers,
+        max_seq_len=32768,
         attn_config={"clip_qkv": 8.0, "kv_n_heads": 8, "rope_theta": 500000.0},
-        ffn_config={"ffn_hidden_size": 10752, "moe_num_experts": 16, "moe_top_k": 4, "moe_jitter_eps": None,
-                    "moe_loss_weight": 0.05, "moe_normalize_expert_weights": 1.0},
+        ffn_config={
+            "ffn_hidden_size": 10752,
+            "moe_num_experts": 16,
+            "moe_top_k": 4,
+            "moe_jitter_eps": None,
+            "moe_loss_weight": 0.05,
+            "moe_normalize_expert_weights": 1.0,
+        },
     )
     return sync_moe_config(config)
 
@@ -87,8 +101,9 @@ def worker(args) -> None:
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     torch.cuda.set_device(rank)
-    training_args = training_arguments(args.mode, world, args.grad_accum,
-                                       json.loads(args.ep_options), os.path.dirname(os.path.abspath(args.out)))
+    training_args = training_arguments(
+        args.mode, world, args.grad_accum, json.loads(args.ep_options), os.path.dirname(os.path.abspath(args.out))
+    )
     torch.manual_seed(0)  # the HF DeepSpeed config is active from here: the model is built partitioned (zero.Init)
     model = DbrxForCausalLM._from_config(bench_config(args.layers), dtype=torch.bfloat16, attn_implementation="sdpa")
     apply_experts_implementation(model, "grouped")
@@ -109,13 +124,14 @@ def worker(args) -> None:
     for step in range(args.steps + 1):  # the extra last step only measures the split
         split_step = step == args.steps
         if args.profile and step == args.warmup:  # the first timed optimizer step, on every rank
-            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA])
+            profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            )
             profiler.start()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for micro in range(args.grad_accum):
-            batch = data[step * args.grad_accum + micro, rank:rank + 1].cuda()
+            batch = data[step * args.grad_accum + micro, rank : rank + 1].cuda()
             mark = _timed(split, "forward", None) if split_step else None
             loss = engine(input_ids=batch, labels=batch).loss
             mark = _timed(split, "backward", mark) if split_step else None
@@ -140,21 +156,32 @@ def worker(args) -> None:
     load = expert_parallel_load(engine.module, world)
     peak = torch.tensor(torch.cuda.max_memory_allocated() / 1024**3, device="cuda")
     torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
-    timed = step_times[args.warmup:args.steps]
+    timed = step_times[args.warmup : args.steps]
     if rank == 0:
         with open(args.out, "w", encoding="utf-8") as handle:
-            json.dump({"ds_config": config, "optimizer": f"{optimizer_cls.__name__}({optimizer_kwargs})",
-                       "losses": (mean_losses / world).tolist(),
-                       "tokens_per_s": world * args.seq * args.grad_accum * len(timed) / sum(timed),
-                       "peak_gb": peak.item(), "step_s": step_times, "ep_rank_load_max_over_mean": load,
-                       "split_s_per_step": split}, handle)
+            json.dump(
+                {
+                    "ds_config": config,
+                    "optimizer": f"{optimizer_cls.__name__}({optimizer_kwargs})",
+                    "losses": (mean_losses / world).tolist(),
+                    "tokens_per_s": world * args.seq * args.grad_accum * len(timed) / sum(timed),
+                    "peak_gb": peak.item(),
+                    "step_s": step_times,
+                    "ep_rank_load_max_over_mean": load,
+                    "split_s_per_step": split,
+                },
+                handle,
+            )
 
 
 def expert_parallel_load(model, world: int) -> float | None:
     """Under EP, the busiest rank's routed tokens over the mean, from AutoEP's per-expert token counters summed
     over layers and ranks (1.0 = balanced; every rank waits for the busiest one at the combine all-to-all)."""
-    counters = [module.tokens_per_expert for module in model.modules()
-                if isinstance(getattr(module, "tokens_per_expert", None), torch.Tensor)]
+    counters = [
+        module.tokens_per_expert
+        for module in model.modules()
+        if isinstance(getattr(module, "tokens_per_expert", None), torch.Tensor)
+    ]
     if not counters:
         return None
     per_expert = torch.stack([counter.float() for counter in counters]).sum(0)
@@ -175,29 +202,58 @@ def _timed(split: dict, phase: str | None, mark: tuple | None) -> tuple:
 def launch(args, name: str, shape: dict, mode: str, ep_options: str = "{}") -> dict:
     """One run of `mode` in its own `torch.distributed.run` launch over `args.gpus` processes; its worker result."""
     out = os.path.join(args.results, f".ep_{name}_{mode}.json")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.gpus), __file__,
-                    "--mode", mode, "--out", out, "--layers", str(args.layers), "--seq", str(shape["seq"]),
-                    "--grad-accum", str(shape["grad_accum"]), "--steps", str(args.steps),
-                    "--warmup", str(args.warmup), "--ep-options", ep_options]
-                   + (["--checkpointing"] if shape["checkpointing"] else []),
-                   check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(args.gpus),
+            __file__,
+            "--mode",
+            mode,
+            "--out",
+            out,
+            "--layers",
+            str(args.layers),
+            "--seq",
+            str(shape["seq"]),
+            "--grad-accum",
+            str(shape["grad_accum"]),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--ep-options",
+            ep_options,
+        ]
+        + (["--checkpointing"] if shape["checkpointing"] else []),
+        check=True,
+    )
     with open(out, encoding="utf-8") as handle:
         result = json.load(handle)
     os.remove(out)
-    print(f"{name} {mode} {ep_options}: {result['tokens_per_s']:.0f} tok/s, peak {result['peak_gb']:.2f} GiB, "
-          f"split {result['split_s_per_step']}", flush=True)
+    print(
+        f"{name} {mode} {ep_options}: {result['tokens_per_s']:.0f} tok/s, peak {result['peak_gb']:.2f} GiB, "
+        f"split {result['split_s_per_step']}",
+        flush=True,
+    )
     return result
 
 
 def compare(zero3: dict, ep: dict) -> dict:
     """The issue's keys for one EP run against the ZeRO-3 leaf run of the same configuration."""
     return {
-        "tokens_per_s_zero3": round(zero3["tokens_per_s"], 1), "tokens_per_s_ep": round(ep["tokens_per_s"], 1),
+        "tokens_per_s_zero3": round(zero3["tokens_per_s"], 1),
+        "tokens_per_s_ep": round(ep["tokens_per_s"], 1),
         "speedup": round(ep["tokens_per_s"] / zero3["tokens_per_s"], 3),
-        "peak_gb_zero3": round(zero3["peak_gb"], 2), "peak_gb_ep": round(ep["peak_gb"], 2),
+        "peak_gb_zero3": round(zero3["peak_gb"], 2),
+        "peak_gb_ep": round(ep["peak_gb"], 2),
         "loss_max_abs_diff": max(abs(a - b) for a, b in zip(zero3["losses"], ep["losses"])),
-        "split_s_per_step_zero3": zero3["split_s_per_step"], "split_s_per_step_ep": ep["split_s_per_step"],
-        "step_s_zero3": zero3["step_s"], "step_s_ep": ep["step_s"],
+        "split_s_per_step_zero3": zero3["split_s_per_step"],
+        "split_s_per_step_ep": ep["split_s_per_step"],
+        "step_s_zero3": zero3["step_s"],
+        "step_s_ep": ep["step_s"],
         "ep_rank_load_max_over_mean": ep["ep_rank_load_max_over_mean"],
     }
 
@@ -208,11 +264,23 @@ def run_configuration(args, name: str, shape: dict) -> dict:
     variants = []
     for index, options in enumerate(args.ep_options):
         ep = launch(args, f"{name}{index}", shape, "ep", options)
-        variants.append({"ep_options": json.loads(options), **compare(zero3, ep), "losses_ep": ep["losses"],
-                         "ds_config_ep": ep["ds_config"]})
+        variants.append(
+            {
+                "ep_options": json.loads(options),
+                **compare(zero3, ep),
+                "losses_ep": ep["losses"],
+                "ds_config_ep": ep["ds_config"],
+            }
+        )
     headline = _scalars(variants[0])
-    return {**shape, **headline, "optimizer": zero3["optimizer"], "ds_config_zero3": zero3["ds_config"],
-            "losses_zero3": zero3["losses"], "ep_variants": variants}
+    return {
+        **shape,
+        **headline,
+        "optimizer": zero3["optimizer"],
+        "ds_config_zero3": zero3["ds_config"],
+        "losses_zero3": zero3["losses"],
+        "ep_variants": variants,
+    }
 
 
 def _scalars(run: dict) -> dict:
@@ -225,18 +293,27 @@ def planner_check(name: str, shape: dict, measured: dict, layers: int, gpus: int
     from dbrx_tune.tools.plan import ModelShape, plan
 
     config = bench_config(layers)
-    model_shape = ModelShape(d_model=6144, n_layers=layers, n_heads=48, kv_heads=8, vocab=config.vocab_size,
-                             ffn=10752, experts=16, top_k=4)
-    recipe = {"max_length": shape["seq"], "per_device_train_batch_size": 1,
-              "gradient_checkpointing": shape["checkpointing"]}
+    model_shape = ModelShape(
+        d_model=6144, n_layers=layers, n_heads=48, kv_heads=8, vocab=config.vocab_size, ffn=10752, experts=16, top_k=4
+    )
+    recipe = {
+        "max_length": shape["seq"],
+        "per_device_train_batch_size": 1,
+        "gradient_checkpointing": shape["checkpointing"],
+    }
     runs = [("zero3_leaf", measured["ds_config_zero3"], measured["peak_gb_zero3"])]
-    runs += [(f"zero3_ep{gpus}" + (f"_variant{index}" if index else ""), variant["ds_config_ep"], variant["peak_gb_ep"])
-             for index, variant in enumerate(measured["ep_variants"])]
+    runs += [
+        (f"zero3_ep{gpus}" + (f"_variant{index}" if index else ""), variant["ds_config_ep"], variant["peak_gb_ep"])
+        for index, variant in enumerate(measured["ep_variants"])
+    ]
     check = {}
     for mode, ds_config, observed in runs:
         predicted = plan(recipe, model_shape, gpus=gpus, gpu_memory_gb=141, ds_config=ds_config).per_gpu_gb
-        check[f"{name}_{mode}"] = {"predicted_gb": predicted, "measured_gb": observed,
-                                   "rel_error": round(abs(predicted - observed) / observed, 3)}
+        check[f"{name}_{mode}"] = {
+            "predicted_gb": predicted,
+            "measured_gb": observed,
+            "rel_error": round(abs(predicted - observed) / observed, 3),
+        }
     return check
 
 
@@ -247,18 +324,25 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of tokens/s")
     parser.add_argument("--gpus", type=int, default=2, help="GPUs = EP size; results go to ep_<N>gpu.json")
-    parser.add_argument("--ep-options", action="append", default=None,
-                        help="JSON merged into the shipped expert_parallel section; repeat for more EP variants "
-                             "(default: the shipped section as is; '{\"async_split_plan\": false}' measures it "
-                             "without the asynchronous split plan); worker: one JSON")
+    parser.add_argument(
+        "--ep-options",
+        action="append",
+        default=None,
+        help="JSON merged into the shipped expert_parallel section; repeat for more EP variants "
+        "(default: the shipped section as is; '{\"async_split_plan\": false}' measures it "
+        "without the asynchronous split plan); worker: one JSON",
+    )
     parser.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--grad-accum", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", help="worker only: write rank 0's kernel table of the first timed step here, "
-                                          "and its Chrome trace at PROFILE.trace.json")
+    parser.add_argument(
+        "--profile",
+        help="worker only: write rank 0's kernel table of the first timed step here, "
+        "and its Chrome trace at PROFILE.trace.json",
+    )
     args = parser.parse_args()
     if args.mode:
         args.ep_options = (args.ep_options or ["{}"])[-1]
@@ -268,16 +352,20 @@ def main() -> None:
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(CONFIGS)}")
-    command = (f"python bench/ep_2gpu.py --gpus {args.gpus} --layers {args.layers} --configs {args.configs} "
-               f"--steps {args.steps}" + "".join(f" --ep-options '{options}'" for options in args.ep_options))
+    command = (
+        f"python bench/ep_2gpu.py --gpus {args.gpus} --layers {args.layers} --configs {args.configs} "
+        f"--steps {args.steps}" + "".join(f" --ep-options '{options}'" for options in args.ep_options)
+    )
     os.makedirs(args.results, exist_ok=True)
     configurations = {name: run_configuration(args, name, CONFIGS[name]) for name in names}
     primary = configurations[names[0]]
     keys = ("tokens_per_s_zero3", "tokens_per_s_ep", "speedup", "peak_gb_zero3", "peak_gb_ep", "loss_max_abs_diff")
     result = {
-        "configuration": names[0], **{key: primary[key] for key in keys},
+        "configuration": names[0],
+        **{key: primary[key] for key in keys},
         **provenance(f"{args.gpus}x {torch.cuda.get_device_name(0)}", command),
-        "ep_options": json.loads(args.ep_options[0]), "optimizer": primary["optimizer"],
+        "ep_options": json.loads(args.ep_options[0]),
+        "optimizer": primary["optimizer"],
         "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
         "model": f"DBRX width (d_model 6144, 16 experts x ffn 10752, top-4), {args.layers} layers, bf16",
         "configurations": configurations,
@@ -286,12 +374,25 @@ def main() -> None:
     check = {}
     for name in names:
         check.update(planner_check(name, CONFIGS[name], configurations[name], args.layers, args.gpus))
-    check.update(command=command, measured="torch.cuda.max_memory_allocated, max over ranks", gpu=result["gpu"],
-                 date=result["date"])
-    write_result(os.path.join(args.results, f"planner_check_{args.gpus}gpu.json" if args.gpus != 2 else
-                              "planner_check.json"), check)
-    print(json.dumps({name: _scalars(run) | {"ep_variants": [_scalars(variant) for variant in run["ep_variants"]]}
-                      for name, run in configurations.items()}, indent=2))
+    check.update(
+        command=command,
+        measured="torch.cuda.max_memory_allocated, max over ranks",
+        gpu=result["gpu"],
+        date=result["date"],
+    )
+    write_result(
+        os.path.join(args.results, f"planner_check_{args.gpus}gpu.json" if args.gpus != 2 else "planner_check.json"),
+        check,
+    )
+    print(
+        json.dumps(
+            {
+                name: _scalars(run) | {"ep_variants": [_scalars(variant) for variant in run["ep_variants"]]}
+                for name, run in configurations.items()
+            },
+            indent=2,
+        )
+    )
     print(json.dumps(check, indent=2))
 
 

@@ -112,8 +112,12 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--iters", type=int, default=10, help="timed steps per run")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed runs (ceiling, stock, ours interleaved); medians and spread are reported")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs (ceiling, stock, ours interleaved); medians and spread are reported",
+    )
     parser.add_argument("--output", default="bench/results/moe_layer.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -159,10 +163,19 @@ def main() -> None:
         "tflops_stock": round(tflops_stock, 1),
         "runs": {key: [round(v, 2) for v in values] for key, values in runs.items()},
         "mfu_ours_range": [round(min(mfu_ours_runs), 4), round(max(mfu_ours_runs), 4)],
-        "speedup_range": [round(min(runs["ms_stock"]) / max(runs["ms_ours"]), 3),
-                          round(max(runs["ms_stock"]) / min(runs["ms_ours"]), 3)],
-        "shape": {"tokens": args.tokens, "d_model": args.d_model, "ffn": args.ffn, "experts": args.experts,
-                  "top_k": args.top_k, "dtype": "bfloat16", "pass": "forward+backward"},
+        "speedup_range": [
+            round(min(runs["ms_stock"]) / max(runs["ms_ours"]), 3),
+            round(max(runs["ms_stock"]) / min(runs["ms_ours"]), 3),
+        ],
+        "shape": {
+            "tokens": args.tokens,
+            "d_model": args.d_model,
+            "ffn": args.ffn,
+            "experts": args.experts,
+            "top_k": args.top_k,
+            "dtype": "bfloat16",
+            "pass": "forward+backward",
+        },
         "accuracy_vs_fp32": {k: round(v, 6) for k, v in accuracy.items()},
         **provenance(torch.cuda.get_device_name()),
     }
@@ -171,8 +184,10 @@ def main() -> None:
     print(f"{'stock':8} {ms_stock:8.1f} {tflops_stock:8.1f} {result['mfu_stock']:6.1%}")
     print(f"{'ours':8} {ms_ours:8.1f} {tflops_ours:8.1f} {result['mfu_ours']:6.1%}")
     print(f"medians of {args.repeats} runs; ours MFU range {result['mfu_ours_range']}, runs {result['runs']}")
-    print(f"speedup {result['speedup']:.2f}x (runs {result['speedup_range']}); matmul ceiling {ceiling:.0f} TFLOP/s; "
-          f"accuracy {result['accuracy_vs_fp32']}")
+    print(
+        f"speedup {result['speedup']:.2f}x (runs {result['speedup_range']}); matmul ceiling {ceiling:.0f} TFLOP/s; "
+        f"accuracy {result['accuracy_vs_fp32']}"
+    )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,13 @@ def _linear_4bit(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     import bitsandbytes as bnb
 
     quantized = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
-        compress_statistics=True, quant_type="nf4", device="meta",
+        linear.in_features,
+        linear.out_features,
+        bias=False,
+        compute_dtype=compute_dtype,
+        compress_statistics=True,
+        quant_type="nf4",
+        device="meta",
     )
     quantized.weight = bnb.nn.Params4bit(
         linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=quantized
@@ -74,8 +79,9 @@ def _linear_4bit(linear: nn.Linear, compute_dtype: torch.dtype) -> nn.Module:
     return quantized
 
 
-def build_qlora_base(config: DbrxConfig, device: torch.device, dtype: torch.dtype, attention: str,
-                     experts_per_group: int | None) -> DbrxForCausalLM:
+def build_qlora_base(
+    config: DbrxConfig, device: torch.device, dtype: torch.dtype, attention: str, experts_per_group: int | None
+) -> DbrxForCausalLM:
     """Random-init DBRX with NF4 experts, materialised and quantized one block at a time on `device`."""
     with torch.device("meta"):
         model = DbrxForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -89,8 +95,9 @@ def build_qlora_base(config: DbrxConfig, device: torch.device, dtype: torch.dtyp
     for index, block in enumerate(transformer.blocks):
         block.to_empty(device=device)  # bf16 experts of this block only: 6.3 GB at DBRX size
         _random_init_(block, std)
-        block.ffn.experts = DbrxNF4Experts.from_experts(block.ffn.experts, config.ffn_config,
-                                                        experts_per_group=experts_per_group)
+        block.ffn.experts = DbrxNF4Experts.from_experts(
+            block.ffn.experts, config.ffn_config, experts_per_group=experts_per_group
+        )
         if attention == "nf4":
             attn = block.norm_attn_norm.attn
             attn.Wqkv = _linear_4bit(attn.Wqkv, dtype)
@@ -137,20 +144,32 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--attention", choices=("nf4", "bf16"), default="nf4")
-    parser.add_argument("--experts-per-group", type=int, default=None,
-                        help="experts dequantized at once in the forward (default: all 16)")
+    parser.add_argument(
+        "--experts-per-group",
+        type=int,
+        default=None,
+        help="experts dequantized at once in the forward (default: all 16)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU: checks the script runs")
-    parser.add_argument("--output", default=None, help="JSON path (default bench/results/qlora_132b.json; "
-                                                        "none with --smoke)")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default bench/results/qlora_132b.json; none with --smoke)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
         torch.set_num_threads(1)  # tiny matrices: extra threads only spin (seconds per step on a busy machine)
-        config = sync_moe_config(tiny_dbrx_config(n_layers=args.layers if args.layers < 40 else 2, vocab_size=1024,
-                                                  pad_token_id=1000, bos_token_id=1001, eos_token_id=1001))
+        config = sync_moe_config(
+            tiny_dbrx_config(
+                n_layers=args.layers if args.layers < 40 else 2,
+                vocab_size=1024,
+                pad_token_id=1000,
+                bos_token_id=1001,
+                eos_token_id=1001,
+            )
+        )
         args.seq_len, args.lora_r = min(args.seq_len, 32), 8
     else:
         if not torch.cuda.is_available():
@@ -216,8 +235,13 @@ def main() -> None:
         "attention": "bitsandbytes Linear4bit NF4 (double quant)" if args.attention == "nf4" else "bf16",
         "experts": "DbrxNF4Experts NF4 (block 64, double quant)",
         "experts_per_group": args.experts_per_group or config.ffn_config.moe_num_experts,
-        "lora": {"r": args.lora_r, "alpha": 2 * args.lora_r, "targets": "Wqkv, out_proj, per-expert w1/v1/w2",
-                 "trainable_params": sum(p.numel() for p in trainable), "dtype": str(trainable[0].dtype)},
+        "lora": {
+            "r": args.lora_r,
+            "alpha": 2 * args.lora_r,
+            "targets": "Wqkv, out_proj, per-expert w1/v1/w2",
+            "trainable_params": sum(p.numel() for p in trainable),
+            "dtype": str(trainable[0].dtype),
+        },
         "total_params": sum(p.numel() for p in model.parameters()),
         "loss": round(loss.item(), 4),
         "grads_finite": grads_finite,
@@ -229,8 +253,10 @@ def main() -> None:
     }
     if output:
         write_result(output, result)
-    print(f"layers {config.n_layers}, seq {args.seq_len}, attention {args.attention}, LoRA r {args.lora_r}: "
-          f"loss {result['loss']}, grads finite {grads_finite}, step {result['step_s']} s")
+    print(
+        f"layers {config.n_layers}, seq {args.seq_len}, attention {args.attention}, LoRA r {args.lora_r}: "
+        f"loss {result['loss']}, grads finite {grads_finite}, step {result['step_s']} s"
+    )
     print(f"{'weights':12} {result['weights_gb']:8} GB  {breakdown}")
     print(f"{'activations':12} {result['activations_gb']:8} GB")
     print(f"{'optimizer':12} {result['optimizer_gb']:8} GB")

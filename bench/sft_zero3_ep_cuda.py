@@ -46,12 +46,33 @@ def deepspeed_config(mode: str, gpus: int, directory: str) -> str:
 def train(mode: str, gpus: int, root: str) -> tuple[str, str]:
     """One SFT run; returns its output directory and its combined log."""
     output_dir = os.path.join(root, f"sft-{mode}")
-    command = ["accelerate", "launch", "--num_processes", str(gpus), "--num_machines", "1", "--dynamo_backend", "no",
-               "sft/train.py", "recipes/tiny/dbrx_sft.yaml", "--output_dir", output_dir, "--use_cpu", "false",
-               "--bf16", "true", "--dtype", "bfloat16", "--report_to", "none",
-               "--deepspeed", deepspeed_config(mode, gpus, root)]
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    command = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(gpus),
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "sft/train.py",
+        "recipes/tiny/dbrx_sft.yaml",
+        "--output_dir",
+        output_dir,
+        "--use_cpu",
+        "false",
+        "--bf16",
+        "true",
+        "--dtype",
+        "bfloat16",
+        "--report_to",
+        "none",
+        "--deepspeed",
+        deepspeed_config(mode, gpus, root),
+    ]
+    completed = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
     log = completed.stdout + completed.stderr
     with open(os.path.join(root, f"sft-{mode}.log"), "w", encoding="utf-8") as handle:
         handle.write(log)
@@ -63,11 +84,14 @@ def train(mode: str, gpus: int, root: str) -> tuple[str, str]:
 def log_facts(log: str) -> dict:
     """What the run's log says about expert parallelism and saving (dbrx_tune's own log lines, on rank 0)."""
     planned = re.findall(r"AutoEP: (\d+) DBRX MoE blocks will be replaced", log)
-    return {"autoep_blocks_replaced": int(planned[0]) if planned else 0,
-            "router_logits_recaptured_from_autoep": "router_logits now recorded from router.gate" in log,
-            "saved_in_dbrx_layout": [
-                os.path.basename(path)
-                for path in re.findall(r"saved the DeepSpeed-trained model to (\S+) in the original DBRX", log)]}
+    return {
+        "autoep_blocks_replaced": int(planned[0]) if planned else 0,
+        "router_logits_recaptured_from_autoep": "router_logits now recorded from router.gate" in log,
+        "saved_in_dbrx_layout": [
+            os.path.basename(path)
+            for path in re.findall(r"saved the DeepSpeed-trained model to (\S+) in the original DBRX", log)
+        ],
+    }
 
 
 def weight_layout(directory: str) -> dict[str, list[int]]:
@@ -90,8 +114,11 @@ def weight_layout(directory: str) -> dict[str, list[int]]:
 def intermediate_checkpoints_match_final(output_dir: str) -> dict[str, bool]:
     """Per `checkpoint-N`: whether its weights have the final (DBRX-layout) checkpoint's names and shapes."""
     final = weight_layout(output_dir)
-    return {name: weight_layout(os.path.join(output_dir, name)) == final
-            for name in sorted(os.listdir(output_dir)) if name.startswith("checkpoint-")}
+    return {
+        name: weight_layout(os.path.join(output_dir, name)) == final
+        for name in sorted(os.listdir(output_dir))
+        if name.startswith("checkpoint-")
+    }
 
 
 def reload_and_answer(output_dir: str) -> dict:
@@ -106,8 +133,9 @@ def reload_and_answer(output_dir: str) -> dict:
     from dbrx_tune.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(output_dir)
-    model = load_causal_lm(ModelArguments(model_name_or_path=output_dir, dtype="bfloat16",
-                                          experts_implementation="grouped"), tokenizer)
+    model = load_causal_lm(
+        ModelArguments(model_name_or_path=output_dir, dtype="bfloat16", experts_implementation="grouped"), tokenizer
+    )
     model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     settings = VibeArguments(vibe_prompts="default", vibe_max_new_tokens=VIBE_MAX_NEW_TOKENS)
     reload_dir = output_dir + "-reloaded"
@@ -118,9 +146,12 @@ def reload_and_answer(output_dir: str) -> dict:
     last = trained.at_step(trained.steps[-1])
     reloaded = {record.prompt_id: record.answer for record in result.records}
     same = [prompt_id for prompt_id, answer in reloaded.items() if last[prompt_id].answer == answer]
-    return {"answers": len(reloaded), "equal_to_last_in_training_check": len(same),
-            "differing_prompt_ids": sorted(set(reloaded) - set(same)),
-            "generation_errors": sum(record.error is not None for record in result.records)}
+    return {
+        "answers": len(reloaded),
+        "equal_to_last_in_training_check": len(same),
+        "differing_prompt_ids": sorted(set(reloaded) - set(same)),
+        "generation_errors": sum(record.error is not None for record in result.records),
+    }
 
 
 def main() -> None:
@@ -140,13 +171,22 @@ def main() -> None:
             runs[mode] = {"config": CONFIGS[mode], "error": str(error)[-3000:]}
             print(error, flush=True)
             continue
-        runs[mode] = {"config": CONFIGS[mode], **stage_summary(output_dir),
-                      **log_facts(log),
-                      "intermediate_checkpoints_match_final_layout": intermediate_checkpoints_match_final(output_dir),
-                      "reloaded": reload_and_answer(output_dir)}
+        runs[mode] = {
+            "config": CONFIGS[mode],
+            **stage_summary(output_dir),
+            **log_facts(log),
+            "intermediate_checkpoints_match_final_layout": intermediate_checkpoints_match_final(output_dir),
+            "reloaded": reload_and_answer(output_dir),
+        }
         print(mode, json.dumps(runs[mode], indent=1), flush=True)
-    write_result(args.output, {"runs": runs, "recipe": "recipes/tiny/dbrx_sft.yaml (bf16, 2 epochs of bundled data)",
-                               **provenance(f"{args.gpus}x {torch.cuda.get_device_name(0)}")})
+    write_result(
+        args.output,
+        {
+            "runs": runs,
+            "recipe": "recipes/tiny/dbrx_sft.yaml (bf16, 2 epochs of bundled data)",
+            **provenance(f"{args.gpus}x {torch.cuda.get_device_name(0)}"),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -34,10 +34,14 @@ def vibes_summary(stage_dir: str) -> dict | None:
         return None
     (run,) = load_runs([stage_dir])
     curves = score_curves([run])
-    return {"checks_at_steps": run.steps, "answers": len(run.records),
-            "generation_errors": sum(record.error is not None for record in run.records),
-            "last_scores": {category: points[run.name][-1][1] for category, points in curves.items()
-                            if points.get(run.name)}}
+    return {
+        "checks_at_steps": run.steps,
+        "answers": len(run.records),
+        "generation_errors": sum(record.error is not None for record in run.records),
+        "last_scores": {
+            category: points[run.name][-1][1] for category, points in curves.items() if points.get(run.name)
+        },
+    }
 
 
 def stage_summary(stage_dir: str) -> dict:
@@ -46,8 +50,11 @@ def stage_summary(stage_dir: str) -> dict:
     losses = [entry["loss"] for entry in history if "loss" in entry]
     with open(os.path.join(stage_dir, "train_results.json")) as handle:
         results = json.load(handle)
-    summary = {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-               "logged_steps": len(losses)}
+    summary = {
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "logged_steps": len(losses),
+    }
     keep = ("train_runtime", "eval_accuracy", "eval_rewards/margins", "eval_rewards/accuracies", "eval_loss")
     summary.update({key: results[key] for key in keep if key in results})
     vibes = vibes_summary(stage_dir)
@@ -55,8 +62,14 @@ def stage_summary(stage_dir: str) -> dict:
         summary["vibes"] = vibes
     ppo = [entry for entry in history if "objective/scores" in entry]
     if ppo:
-        summary.update({"first_score": ppo[0]["objective/scores"], "last_score": ppo[-1]["objective/scores"],
-                        "last_kl": ppo[-1].get("objective/kl"), "peak_gb": max(e.get("memory/peak_gb", 0) for e in ppo)})
+        summary.update(
+            {
+                "first_score": ppo[0]["objective/scores"],
+                "last_score": ppo[-1]["objective/scores"],
+                "last_kl": ppo[-1].get("objective/kl"),
+                "peak_gb": max(e.get("memory/peak_gb", 0) for e in ppo),
+            }
+        )
     return summary
 
 
@@ -67,8 +80,23 @@ def main() -> None:
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="tiny_pipeline_")
     start = time.perf_counter()
-    subprocess.run(["bash", os.path.join(REPO_ROOT, "scripts", "tiny_pipeline.sh"), root, "--use_cpu", "false",
-                    "--bf16", "true", "--dtype", "bfloat16", "--report_to", "none"], check=True, cwd=REPO_ROOT)
+    subprocess.run(
+        [
+            "bash",
+            os.path.join(REPO_ROOT, "scripts", "tiny_pipeline.sh"),
+            root,
+            "--use_cpu",
+            "false",
+            "--bf16",
+            "true",
+            "--dtype",
+            "bfloat16",
+            "--report_to",
+            "none",
+        ],
+        check=True,
+        cwd=REPO_ROOT,
+    )
     import torch
 
     (leaderboard_file,) = glob.glob(os.path.join(root, "rewardbench", "eval-set", "*", "*.json"))
@@ -86,7 +114,9 @@ def main() -> None:
 
         write_report([os.path.join(root, stage) for stage in GENERATING_STAGES], output=args.vibes_report)
     for stage, summary in result["stages"].items():
-        print(f"{stage:5s} loss {summary['first_loss']} -> {summary['last_loss']}  runtime {summary.get('train_runtime')}")
+        print(
+            f"{stage:5s} loss {summary['first_loss']} -> {summary['last_loss']}  runtime {summary.get('train_runtime')}"
+        )
 
 
 if __name__ == "__main__":

@@ -80,36 +80,52 @@ def _top_overlaps(trace: dict, category: str, gaps: list[tuple[float, float]], t
         while index < len(gaps) and gaps[index][0] < finish:
             totals[event["name"][:80]] += max(0.0, min(finish, gaps[index][1]) - max(begin, gaps[index][0]))
             index += 1
-    return {name: round(value * 1e-3, 2) for name, value in sorted(totals.items(), key=lambda item: -item[1])[:top]
-            if value > 0}
+    return {
+        name: round(value * 1e-3, 2)
+        for name, value in sorted(totals.items(), key=lambda item: -item[1])[:top]
+        if value > 0
+    }
 
 
 def summarize(trace: dict) -> dict:
-    events = [event for event in trace.get("traceEvents", [])
-              if event.get("ph") == "X" and event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    events = [
+        event
+        for event in trace.get("traceEvents", [])
+        if event.get("ph") == "X" and event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
     if not events:
         raise SystemExit("no GPU kernels in this trace: was it recorded with ProfilerActivity.CUDA?")
     by_stream: dict[tuple, list[dict]] = defaultdict(list)
     for event in events:
         by_stream[(event.get("pid"), event.get("tid"))].append(event)
-    device = max({key[0] for key in by_stream}, key=lambda pid: sum(e["dur"] for k, v in by_stream.items()
-                                                                   if k[0] == pid for e in v))
+    device = max(
+        {key[0] for key in by_stream},
+        key=lambda pid: sum(e["dur"] for k, v in by_stream.items() if k[0] == pid for e in v),
+    )
     streams = {key: value for key, value in by_stream.items() if key[0] == device}
     begin = min(e["ts"] for v in streams.values() for e in v)
     finish = max(e["ts"] + e["dur"] for v in streams.values() for e in v)
     wall = finish - begin
     busy = {key: merged([(e["ts"], e["ts"] + e["dur"]) for e in value]) for key, value in streams.items()}
     compute = max(streams, key=lambda key: sum(e["dur"] for e in streams[key] if kernel_kind(e["name"]) != "nccl"))
-    nccl = merged([(e["ts"], e["ts"] + e["dur"]) for key, value in streams.items() if key != compute
-                   for e in value if kernel_kind(e["name"]) == "nccl"])
+    nccl = merged(
+        [
+            (e["ts"], e["ts"] + e["dur"])
+            for key, value in streams.items()
+            if key != compute
+            for e in value
+            if kernel_kind(e["name"]) == "nccl"
+        ]
+    )
     anything = merged([interval for key in busy for interval in busy[key]])
     idle = _complement(busy[compute], begin, finish)
     empty = [gap for start, end in idle for gap in _complement(anything, start, end)]
     idle_total = sum(end - start for start, end in idle)
     idle_nccl = sum(overlap(nccl, start, end) for start, end in idle)
     idle_empty = sum(end - start for start, end in empty)
-    host_during_empty = {category: _top_overlaps(trace, category, empty)
-                         for category in ("cpu_op", "cuda_runtime", "user_annotation")}
+    host_during_empty = {
+        category: _top_overlaps(trace, category, empty) for category in ("cpu_op", "cuda_runtime", "user_annotation")
+    }
     kinds: dict[str, float] = defaultdict(float)
     names: dict[str, float] = defaultdict(float)
     for event in streams[compute]:
@@ -127,15 +143,19 @@ def summarize(trace: dict) -> dict:
         "idle_while_nccl_runs_ms": round(idle_nccl * ms, 2),
         "idle_while_gpu_empty_ms": round(idle_empty * ms, 2),
         "idle_while_other_streams_busy_ms": round((idle_total - idle_nccl - idle_empty) * ms, 2),
-        "compute_kernel_ms_by_kind": {kind: round(value * ms, 2) for kind, value in
-                                      sorted(kinds.items(), key=lambda item: -item[1])},
-        "top_compute_kernels_ms": {name: round(value * ms, 2) for name, value in
-                                   sorted(names.items(), key=lambda item: -item[1])[:15]},
+        "compute_kernel_ms_by_kind": {
+            kind: round(value * ms, 2) for kind, value in sorted(kinds.items(), key=lambda item: -item[1])
+        },
+        "top_compute_kernels_ms": {
+            name: round(value * ms, 2) for name, value in sorted(names.items(), key=lambda item: -item[1])[:15]
+        },
         "host_while_gpu_empty_ms": host_during_empty,
-        "streams_busy_ms": {str(key[1]): round(sum(end - start for start, end in value) * ms, 2)
-                            for key, value in busy.items()},
-        "nccl_ms_by_kernel": {name: round(value * ms, 2) for name, value in
-                              sorted(nccl_names.items(), key=lambda item: -item[1])},
+        "streams_busy_ms": {
+            str(key[1]): round(sum(end - start for start, end in value) * ms, 2) for key, value in busy.items()
+        },
+        "nccl_ms_by_kernel": {
+            name: round(value * ms, 2) for name, value in sorted(nccl_names.items(), key=lambda item: -item[1])
+        },
     }
 
 

@@ -89,7 +89,7 @@ def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: t
 
     def step(input_ids: torch.Tensor) -> float:
         # model and optimizer are deleted at the end of run_mode, which pyflakes reads as undefined here
-        loss = model(  # noqa: F821input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
+        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss  # noqa: F821
         loss.backward()
         optimizer.step()  # noqa: F821
         optimizer.zero_grad(set_to_none=True)  # noqa: F821
@@ -147,8 +147,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU in fp32: checks the script runs")
-    parser.add_argument("--output", default=None, help="JSON path (default bench/results/train_step.json; "
-                                                        "none with --smoke)")
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default bench/results/train_step.json; none with --smoke)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     modes = args.modes.split(",")
@@ -159,8 +160,11 @@ def main() -> None:
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.float32
         torch.set_num_threads(1)  # tiny matrices: extra threads only spin (seconds per step on a busy machine)
-        config = sync_moe_config(tiny_dbrx_config(n_layers=args.layers, vocab_size=1024, pad_token_id=1000,
-                                                      bos_token_id=1001, eos_token_id=1001))
+        config = sync_moe_config(
+            tiny_dbrx_config(
+                n_layers=args.layers, vocab_size=1024, pad_token_id=1000, bos_token_id=1001, eos_token_id=1001
+            )
+        )
         args.seq_len, args.batch, args.warmup, args.steps, args.lora_r = min(args.seq_len, 32), 1, 1, 1, 8
         args.repeats = 1
     else:
@@ -202,13 +206,24 @@ def main() -> None:
         "peak_gb_stock": pick("stock_full", "peak_gb"),
         "modes": results,
         "shape": {
-            "layers": config.n_layers, "d_model": config.d_model, "n_heads": config.n_heads,
-            "kv_n_heads": config.attn_config.kv_n_heads, "experts": config.ffn_config.moe_num_experts,
-            "top_k": config.ffn_config.moe_top_k, "ffn": config.ffn_config.ffn_hidden_size,
-            "vocab": config.vocab_size, "batch": args.batch, "seq_len": args.seq_len, "dtype": str(dtype),
-            "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r, "gradient_checkpointing": "non-reentrant",
-            "steps_per_run": args.steps, "runs": args.repeats,
-            "optimizer": "torch AdamW (fused on CUDA)", "router_aux_loss": config.ffn_config.moe_loss_weight,
+            "layers": config.n_layers,
+            "d_model": config.d_model,
+            "n_heads": config.n_heads,
+            "kv_n_heads": config.attn_config.kv_n_heads,
+            "experts": config.ffn_config.moe_num_experts,
+            "top_k": config.ffn_config.moe_top_k,
+            "ffn": config.ffn_config.ffn_hidden_size,
+            "vocab": config.vocab_size,
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "dtype": str(dtype),
+            "lora_r": args.lora_r,
+            "lora_alpha": 2 * args.lora_r,
+            "gradient_checkpointing": "non-reentrant",
+            "steps_per_run": args.steps,
+            "runs": args.repeats,
+            "optimizer": "torch AdamW (fused on CUDA)",
+            "router_aux_loss": config.ffn_config.moe_loss_weight,
         },
         **provenance(torch.cuda.get_device_name() if device.type == "cuda" else "cpu"),
     }
@@ -217,11 +232,15 @@ def main() -> None:
     print(f"{'mode':22} {'step ms':>9} {'spread':>7} {'tokens/s':>10} {'peak GB':>8} {'trainable':>14}")
     for mode, row in results.items():
         peak = row.get("peak_gb")
-        print(f"{mode:22} {row['step_ms']:9.1f} {row['spread_pct']:6.1f}% {row['tokens_per_s']:10.1f} "
-              f"{peak if peak is not None else '-':>8} {row['trainable_params']:14,d}")
-    print(f"speedup full {summary['speedup_full']}x (runs {summary['speedup_full_range']}), LoRA "
-          f"{summary['speedup_lora']}x (runs {summary['speedup_lora_range']}) "
-          f"(same LoRA targets as stock: {summary['speedup_lora_same_targets']}x)")
+        print(
+            f"{mode:22} {row['step_ms']:9.1f} {row['spread_pct']:6.1f}% {row['tokens_per_s']:10.1f} "
+            f"{peak if peak is not None else '-':>8} {row['trainable_params']:14,d}"
+        )
+    print(
+        f"speedup full {summary['speedup_full']}x (runs {summary['speedup_full_range']}), LoRA "
+        f"{summary['speedup_lora']}x (runs {summary['speedup_lora_range']}) "
+        f"(same LoRA targets as stock: {summary['speedup_lora_same_targets']}x)"
+    )
 
 
 if __name__ == "__main__":

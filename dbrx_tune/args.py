@@ -110,27 +110,35 @@ class VibeArguments:
 
     vibe_prompts: str | None = field(
         default=None,
-        metadata={"help": "Prompt file (YAML list or JSONL, see dbrx_tune/evals/vibes/prompts.py), or 'default' for the "
-                          "bundled set; null switches vibe checks off."},
+        metadata={
+            "help": "Prompt file (YAML list or JSONL, see dbrx_tune/evals/vibes/prompts.py), or 'default' for the "
+            "bundled set; null switches vibe checks off."
+        },
     )
     vibe_steps: int | None = field(
         default=None,
-        metadata={"help": "Check every N optimizer steps (PPO: updates); null: at each evaluation and each save. "
-                          "Always also before the first step and after the last."},
+        metadata={
+            "help": "Check every N optimizer steps (PPO: updates); null: at each evaluation and each save. "
+            "Always also before the first step and after the last."
+        },
     )
     vibe_max_new_tokens: int = field(default=64, metadata={"help": "Most tokens generated per answer."})
     vibe_do_sample: bool = field(
         default=False,
-        metadata={"help": "Sample answers (the model's generation settings: temperature, top-k, top-p) instead of "
-                          "greedy decoding; greedy answers compare step to step."},
+        metadata={
+            "help": "Sample answers (the model's generation settings: temperature, top-k, top-p) instead of "
+            "greedy decoding; greedy answers compare step to step."
+        },
     )
     vibe_system_prompt: str | None = field(
         default=None, metadata={"help": "System prompt for prompts whose row names none."}
     )
     vibe_batch_size: int = field(
         default=32,
-        metadata={"help": "Prompts generated together (left-padded). Under ZeRO-3 each batch costs one all-gather "
-                          "of the weights per token, so the bundled set fits one batch."},
+        metadata={
+            "help": "Prompts generated together (left-padded). Under ZeRO-3 each batch costs one all-gather "
+            "of the weights per token, so the bundled set fits one batch."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -156,7 +156,9 @@ def load_pretrained(model_class: type, model_args: ModelArguments, config: Pretr
     if model_args.random_init:
         logger.info("Building %s with random weights from %s", model_class.__name__, model_args.model_name_or_path)
         build = model_class.from_config if hasattr(model_class, "from_config") else model_class._from_config
-        return build(config, dtype=None if dtype == "auto" else dtype, attn_implementation=model_args.attn_implementation)
+        return build(
+            config, dtype=None if dtype == "auto" else dtype, attn_implementation=model_args.attn_implementation
+        )
     try:
         return model_class.from_pretrained(
             model_args.model_name_or_path,
@@ -176,8 +178,9 @@ def load_pretrained(model_class: type, model_args: ModelArguments, config: Pretr
         ) from err
 
 
-def load_causal_lm(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None,
-                   **from_pretrained_kwargs) -> PreTrainedModel:
+def load_causal_lm(
+    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None, **from_pretrained_kwargs
+) -> PreTrainedModel:
     """A DBRX causal LM with the corrected config and experts implementation, before LoRA/QLoRA.
 
     `from_pretrained_kwargs` (e.g. `device_map`) go to `from_pretrained`."""
@@ -191,7 +194,9 @@ def load_causal_lm(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBas
     return finish_model(model, model_args)
 
 
-def load_reference_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
+def load_reference_model(
+    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedModel:
     """A frozen copy of the starting policy (DPO, PPO). Its router loss is never computed nor trained."""
     model = load_causal_lm(model_args, tokenizer)
     model.config.output_router_logits = False
@@ -199,8 +204,9 @@ def load_reference_model(model_args: ModelArguments, tokenizer: PreTrainedTokeni
     return model.eval()
 
 
-def load_sequence_classifier(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None,
-                             num_labels: int = 1) -> PreTrainedModel:
+def load_sequence_classifier(
+    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase | None = None, num_labels: int = 1
+) -> PreTrainedModel:
     """A DBRX reward / value model: a causal-LM checkpoint gets a fresh `score` head, a reward model keeps its own."""
     config = load_model_config(model_args)
     config.num_labels = num_labels
@@ -229,8 +235,11 @@ def load_value_model(model_args: ModelArguments, path: str) -> DbrxForTokenValue
     the model through `value_backbone` (the PEFT wrapper's forward is that of a causal LM).
     """
     # Random weights only for the policy's own (random-init) checkpoint; a reward model is always loaded.
-    value_args = dataclasses.replace(model_args, model_name_or_path=path,
-                                     random_init=model_args.random_init and path == model_args.model_name_or_path)
+    value_args = dataclasses.replace(
+        model_args,
+        model_name_or_path=path,
+        random_init=model_args.random_init and path == model_args.model_name_or_path,
+    )
     config = load_model_config(value_args)
     if value_args.random_init:
         model = load_pretrained(DbrxForTokenValue, value_args, config)

@@ -27,7 +27,6 @@ import yaml
 
 from dbrx_tune.args import DataArguments, ModelArguments, RunArguments, VibeArguments
 
-
 # Fields that TRL's `ModelConfig` / `ScriptArguments` bring but no stage of this toolkit acts on. Accepting them
 # would train something other than what the recipe says, so they are refused like unknown keys.
 UNUSED_KEYS = {
@@ -206,7 +205,8 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
         values["resume_from_checkpoint"] = None
 
     classes = [ModelArguments, DataArguments, RunArguments, VibeArguments, training_class] + (
-        [extra_class] if extra_class else [])
+        [extra_class] if extra_class else []
+    )
     fields = _fields_by_class(classes)
     known = {name for class_fields in fields.values() for name in class_fields} - set(UNUSED_KEYS)
     unknown = sorted(set(values) - known)
@@ -215,8 +215,11 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
         for key in unknown:
             close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
             hint = f" (did you mean: {', '.join(close)}?)" if close else ""
-            what = f"key {key!r} is not used by this toolkit: {UNUSED_KEYS[key]}" if key in UNUSED_KEYS else (
-                f"unknown key {key!r}")
+            what = (
+                f"key {key!r} is not used by this toolkit: {UNUSED_KEYS[key]}"
+                if key in UNUSED_KEYS
+                else (f"unknown key {key!r}")
+            )
             lines.append(what + hint)
         raise RecipeError(f"{path}: " + "; ".join(lines))
 

@@ -175,7 +175,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     logger.warning(
         "%s: tokenizer has no pad token and no %s; padding with eos %r. Padded positions are excluded by the "
         "attention mask, but pass a tokenizer with a dedicated pad token to keep eos unambiguous.",
-        tokenizer.name_or_path, PAD, tokenizer.eos_token,
+        tokenizer.name_or_path,
+        PAD,
+        tokenizer.eos_token,
     )
     tokenizer.pad_token = tokenizer.eos_token
 
@@ -208,7 +210,9 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
     if IM_START not in vocab or IM_END not in vocab:
         logger.warning(
             "%s: %s and %s are not in the vocabulary, so ChatML delimiters will be split into ordinary tokens",
-            tokenizer.name_or_path, IM_START, IM_END,
+            tokenizer.name_or_path,
+            IM_START,
+            IM_END,
         )
     tokenizer.chat_template = DBRX_CHAT_TEMPLATE
 

@@ -37,13 +37,24 @@ from dbrx_tune.tools.plan import (
     plan_recipe,
 )
 
-REAL_MODELS = {"DBRX 132B": "databricks/dbrx-base", "Llama 2 70B": "meta-llama/Llama-2-70b-hf",
-               "Llama 2 7B": "meta-llama/Llama-2-7b-hf"}
+REAL_MODELS = {
+    "DBRX 132B": "databricks/dbrx-base",
+    "Llama 2 70B": "meta-llama/Llama-2-70b-hf",
+    "Llama 2 7B": "meta-llama/Llama-2-7b-hf",
+}
 DBRX_EP_RECIPE, DBRX_ZERO3_RECIPE = "recipes/dbrx_sft.yaml", "recipes/dbrx_sft_zero3.yaml"
 DBRX_LORA_RECIPE, DBRX_QLORA_RECIPE = "recipes/dbrx_sft_lora.yaml", "recipes/dbrx_sft_qlora.yaml"
 # The recipe keys that choose the fine-tuning method and mean the same for both models.
-METHOD_KEYS = ("use_peft", "lora_r", "lora_alpha", "lora_dropout", "load_in_4bit", "bnb_4bit_quant_type",
-               "use_bnb_nested_quant", "deepspeed")
+METHOD_KEYS = (
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "load_in_4bit",
+    "bnb_4bit_quant_type",
+    "use_bnb_nested_quant",
+    "deepspeed",
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,9 +67,15 @@ def real_config(hub_id: str) -> DbrxConfig | LlamaConfig:
     k = KNOWN_CONFIGS[hub_id]
     if k["experts"] > 1:
         return dbrx_base_config(n_layers=k["n_layers"])
-    return LlamaConfig(hidden_size=k["d_model"], num_hidden_layers=k["n_layers"], num_attention_heads=k["n_heads"],
-                       num_key_value_heads=k["kv_heads"], intermediate_size=k["ffn"], vocab_size=k["vocab"],
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=k["d_model"],
+        num_hidden_layers=k["n_layers"],
+        num_attention_heads=k["n_heads"],
+        num_key_value_heads=k["kv_heads"],
+        intermediate_size=k["ffn"],
+        vocab_size=k["vocab"],
+        tie_word_embeddings=False,
+    )
 
 
 def build_on_meta(config: DbrxConfig | LlamaConfig, model_args: ModelArguments | None = None) -> PreTrainedModel:
@@ -81,12 +98,21 @@ def model_facts(model: PreTrainedModel) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
     if not experts:
-        return {"architecture": "dense", "parameters": total, "active per token": total, "share in experts": 0.0,
-                "bf16 weights (GB)": 2 * total / 1e9}
+        return {
+            "architecture": "dense",
+            "parameters": total,
+            "active per token": total,
+            "share in experts": 0.0,
+            "bf16 weights (GB)": 2 * total / 1e9,
+        }
     ffn = model.config.ffn_config
-    return {"architecture": f"MoE, {ffn.moe_num_experts} experts, top-{ffn.moe_top_k}", "parameters": total,
-            "active per token": total - experts + experts * ffn.moe_top_k // ffn.moe_num_experts,
-            "share in experts": experts / total, "bf16 weights (GB)": 2 * total / 1e9}
+    return {
+        "architecture": f"MoE, {ffn.moe_num_experts} experts, top-{ffn.moe_top_k}",
+        "parameters": total,
+        "active per token": total - experts + experts * ffn.moe_top_k // ffn.moe_num_experts,
+        "share in experts": experts / total,
+        "bf16 weights (GB)": 2 * total / 1e9,
+    }
 
 
 def parameter_groups(model: nn.Module) -> Counter:
@@ -119,8 +145,10 @@ def trainable_parameters(model: nn.Module) -> int:
 def lora_methods() -> dict[str, dict[str, dict[str, Any]]]:
     """method -> {"moe": recipe keys for DBRX, "dense": for Llama}: attention only, then attention + MLP/experts."""
     return {
-        "LoRA, attention": {"moe": {"lora_target_experts": False},
-                            "dense": {"lora_target_modules": list(DENSE_ATTENTION_TARGETS)}},
+        "LoRA, attention": {
+            "moe": {"lora_target_experts": False},
+            "dense": {"lora_target_modules": list(DENSE_ATTENTION_TARGETS)},
+        },
         "LoRA, attention + experts / MLP": {"moe": {}, "dense": {}},  # DBRX: every expert; Llama: all-linear
     }
 
@@ -136,8 +164,15 @@ def trainable_table(rank: int) -> pd.DataFrame:
         for method, keys in lora_methods().items():
             values = {"use_peft": True, "lora_r": rank, **keys["moe" if shape.is_moe else "dense"]}
             model = build_on_meta(config, ModelArguments(model_name_or_path=hub_id, **values))
-            rows.append(dict(model=label, method=method, trainable=trainable_parameters(model),
-                             planner=shape.lora_params(rank, lora_targets(values, shape)), total=total))
+            rows.append(
+                dict(
+                    model=label,
+                    method=method,
+                    trainable=trainable_parameters(model),
+                    planner=shape.lora_params(rank, lora_targets(values, shape)),
+                    total=total,
+                )
+            )
     table = pd.DataFrame(rows)
     table["share of model"] = table.trainable / table.total
     return table
@@ -151,17 +186,25 @@ def method_overrides(method_recipe: str) -> dict[str, Any]:
 
 def memory_plans() -> list[dict[str, Any]]:
     """Every plan: DBRX's shipped recipes; Llama 2's recipe with the method keys of DBRX's LoRA / QLoRA recipe."""
-    plans = [dict(model="DBRX 132B", method="full", recipe=DBRX_ZERO3_RECIPE),
-             dict(model="DBRX 132B", method="full + EP 8", recipe=DBRX_EP_RECIPE),
-             dict(model="DBRX 132B", method="LoRA", recipe=DBRX_LORA_RECIPE),
-             dict(model="DBRX 132B", method="QLoRA", recipe=DBRX_QLORA_RECIPE)]
+    plans = [
+        dict(model="DBRX 132B", method="full", recipe=DBRX_ZERO3_RECIPE),
+        dict(model="DBRX 132B", method="full + EP 8", recipe=DBRX_EP_RECIPE),
+        dict(model="DBRX 132B", method="LoRA", recipe=DBRX_LORA_RECIPE),
+        dict(model="DBRX 132B", method="QLoRA", recipe=DBRX_QLORA_RECIPE),
+    ]
     for label in ("Llama 2 70B", "Llama 2 7B"):
         model = {"model_name_or_path": REAL_MODELS[label]}
         plans.append(dict(model=label, method="full", recipe="recipes/llama2_sft.yaml", overrides=model))
         for method, method_recipe in (("LoRA", DBRX_LORA_RECIPE), ("QLoRA", DBRX_QLORA_RECIPE)):
-            plans.append(dict(model=label, method=method, recipe="recipes/llama2_sft.yaml",
-                              overrides={**model, **method_overrides(method_recipe)},
-                              shown=f"recipes/llama2_sft.yaml + method keys of {method_recipe}"))
+            plans.append(
+                dict(
+                    model=label,
+                    method=method,
+                    recipe="recipes/llama2_sft.yaml",
+                    overrides={**model, **method_overrides(method_recipe)},
+                    shown=f"recipes/llama2_sft.yaml + method keys of {method_recipe}",
+                )
+            )
     return plans
 
 
@@ -169,12 +212,18 @@ def memory_table(gpus: int, gpu_memory_gb: float) -> pd.DataFrame:
     """The planner's per-GPU memory on `gpus` GPUs and smallest GPU count, for every plan of `memory_plans`."""
     rows = []
     for entry in memory_plans():
-        result = plan_recipe(entry["recipe"], gpus=gpus, gpu_memory_gb=gpu_memory_gb,
-                             overrides=entry.get("overrides"))
-        rows.append({"model": entry["model"], "method": entry["method"], "recipe": entry.get("shown", entry["recipe"]),
-                     "ZeRO / EP": f"{result.zero_stage} / {result.ep_size}",
-                     f"GB per GPU on {gpus}": result.per_gpu_gb, f"fits {gpus} x {gpu_memory_gb:g} GB": result.fits,
-                     f"min GPUs ({gpu_memory_gb:g} GB)": result.min_gpus})
+        result = plan_recipe(entry["recipe"], gpus=gpus, gpu_memory_gb=gpu_memory_gb, overrides=entry.get("overrides"))
+        rows.append(
+            {
+                "model": entry["model"],
+                "method": entry["method"],
+                "recipe": entry.get("shown", entry["recipe"]),
+                "ZeRO / EP": f"{result.zero_stage} / {result.ep_size}",
+                f"GB per GPU on {gpus}": result.per_gpu_gb,
+                f"fits {gpus} x {gpu_memory_gb:g} GB": result.fits,
+                f"min GPUs ({gpu_memory_gb:g} GB)": result.min_gpus,
+            }
+        )
     table = pd.DataFrame(rows)
     table[f"min GPUs ({gpu_memory_gb:g} GB)"] = table[f"min GPUs ({gpu_memory_gb:g} GB)"].astype("Int64")
     return table
@@ -214,19 +263,44 @@ def dbrx_needs() -> pd.DataFrame:
 
     ep, zero3, lora = (load_yaml_mapping(path) for path in (DBRX_EP_RECIPE, DBRX_ZERO3_RECIPE, DBRX_LORA_RECIPE))
     rows = [
-        ("RoPE base 500000", "load_dbrx_config copies attn_config.rope_theta into rope_parameters",
-         "nothing: every DBRX load is corrected", "stock (rope_theta at the top level)", "2(a)"),
-        ("router load-balancing loss", "sync_moe_config gives TRL the MoE names it reads",
-         f"moe_loss_weight: {ep.get('moe_loss_weight')}", "no router", "2(b)"),
-        ("ZeRO-3 leaf modules", "the loader registers DbrxFFN as a ZeRO-3 leaf",
-         f"deepspeed: {zero3['deepspeed']} (ZeRO stage {zero_stage(read_json_config(zero3['deepspeed']))}), "
-         f"in {DBRX_ZERO3_RECIPE}", "not needed (dense layers)", "2(e)"),
-        ("LoRA on the experts", "grouped 3D experts, one LoRA per expert",
-         f"experts_implementation: {lora.get('experts_implementation')}, lora_target_experts: "
-         f"{lora.get('lora_target_experts')}, in {DBRX_LORA_RECIPE}", "PEFT all-linear", "2(d), 4"),
-        ("expert parallelism", "DeepSpeed AutoEP with the toolkit's DBRX preset",
-         f"deepspeed: {ep['deepspeed']} (autoep_size {expert_parallel_size(read_json_config(ep['deepspeed']))}), "
-         f"in {DBRX_EP_RECIPE}", "no experts", "5"),
+        (
+            "RoPE base 500000",
+            "load_dbrx_config copies attn_config.rope_theta into rope_parameters",
+            "nothing: every DBRX load is corrected",
+            "stock (rope_theta at the top level)",
+            "2(a)",
+        ),
+        (
+            "router load-balancing loss",
+            "sync_moe_config gives TRL the MoE names it reads",
+            f"moe_loss_weight: {ep.get('moe_loss_weight')}",
+            "no router",
+            "2(b)",
+        ),
+        (
+            "ZeRO-3 leaf modules",
+            "the loader registers DbrxFFN as a ZeRO-3 leaf",
+            f"deepspeed: {zero3['deepspeed']} (ZeRO stage {zero_stage(read_json_config(zero3['deepspeed']))}), "
+            f"in {DBRX_ZERO3_RECIPE}",
+            "not needed (dense layers)",
+            "2(e)",
+        ),
+        (
+            "LoRA on the experts",
+            "grouped 3D experts, one LoRA per expert",
+            f"experts_implementation: {lora.get('experts_implementation')}, lora_target_experts: "
+            f"{lora.get('lora_target_experts')}, in {DBRX_LORA_RECIPE}",
+            "PEFT all-linear",
+            "2(d), 4",
+        ),
+        (
+            "expert parallelism",
+            "DeepSpeed AutoEP with the toolkit's DBRX preset",
+            f"deepspeed: {ep['deepspeed']} (autoep_size {expert_parallel_size(read_json_config(ep['deepspeed']))}), "
+            f"in {DBRX_EP_RECIPE}",
+            "no experts",
+            "5",
+        ),
     ]
     return pd.DataFrame(rows, columns=["DBRX needs", "dbrx_tune does", "recipe setting", "Llama 2", "part"])
 
@@ -244,22 +318,53 @@ def readable(value: Any) -> str:
 
 # SIZE="small": a DBRX-shaped model wide enough for the experts to dominate (16 experts, top-4, DBRX's ffn/d_model
 # ratio 1.75), about 0.9B parameters and 0.4B active, and its Llama twin: for a GPU, in bf16.
-SMALL_DBRX = dict(d_model=1024, n_heads=16, n_layers=8, max_seq_len=2048,
-                  attn_config={"clip_qkv": 8.0, "kv_n_heads": 4, "rope_theta": 500000.0},
-                  ffn_config={"ffn_hidden_size": 1792, "moe_num_experts": 16, "moe_top_k": 4, "moe_jitter_eps": 0.0,
-                              "moe_loss_weight": 0.05, "moe_normalize_expert_weights": 1.0})
+SMALL_DBRX = dict(
+    d_model=1024,
+    n_heads=16,
+    n_layers=8,
+    max_seq_len=2048,
+    attn_config={"clip_qkv": 8.0, "kv_n_heads": 4, "rope_theta": 500000.0},
+    ffn_config={
+        "ffn_hidden_size": 1792,
+        "moe_num_experts": 16,
+        "moe_top_k": 4,
+        "moe_jitter_eps": 0.0,
+        "moe_loss_weight": 0.05,
+        "moe_normalize_expert_weights": 1.0,
+    },
+)
 RUN_ARGS = {  # the same trainer overrides for both models: shorter than the recipes' two epochs
-    "tiny": ["--max_steps", "20", "--logging_steps", "1", "--warmup_steps", "2", "--per_device_train_batch_size", "4",
-             "--max_eval_samples", "16"],
-    "small": ["--max_steps", "100", "--logging_steps", "2", "--warmup_steps", "10", "--per_device_train_batch_size",
-              "32", "--learning_rate", "5.0e-4"],
+    "tiny": [
+        "--max_steps",
+        "20",
+        "--logging_steps",
+        "1",
+        "--warmup_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_eval_samples",
+        "16",
+    ],
+    "small": [
+        "--max_steps",
+        "100",
+        "--logging_steps",
+        "2",
+        "--warmup_steps",
+        "10",
+        "--per_device_train_batch_size",
+        "32",
+        "--learning_rate",
+        "5.0e-4",
+    ],
 }
 QUIET = ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true"]
 DEVICE_ARGS = {"cpu": [], "cuda": ["--use_cpu", "false", "--bf16", "true", "--dtype", "bfloat16"]}
 
 
 def resolve_device(device: str, size: str) -> str:
-    """"auto" -> "cuda" when a GPU is present, else "cpu"; refuse what cannot run (with what to do instead)."""
+    """ "auto" -> "cuda" when a GPU is present, else "cpu"; refuse what cannot run (with what to do instead)."""
     if size not in RUN_ARGS:
         raise ValueError(f"SIZE={size!r}: choose one of {sorted(RUN_ARGS)}")
     resolved = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -276,11 +381,20 @@ def matched_llama_config(dbrx: DbrxConfig) -> LlamaConfig:
     """A Llama 2-shaped twin of a DBRX config with the same *active* parameters: same attention, vocabulary and depth,
     and one MLP as wide as the top_k experts a token passes through (intermediate = top_k * ffn)."""
     ffn = dbrx.ffn_config
-    return LlamaConfig(hidden_size=dbrx.d_model, num_hidden_layers=dbrx.n_layers, num_attention_heads=dbrx.n_heads,
-                       num_key_value_heads=dbrx.attn_config.kv_n_heads,
-                       intermediate_size=ffn.moe_top_k * ffn.ffn_hidden_size, vocab_size=dbrx.vocab_size,
-                       max_position_embeddings=dbrx.max_seq_len, rope_theta=10000.0, tie_word_embeddings=False,
-                       pad_token_id=dbrx.pad_token_id, bos_token_id=dbrx.bos_token_id, eos_token_id=dbrx.eos_token_id)
+    return LlamaConfig(
+        hidden_size=dbrx.d_model,
+        num_hidden_layers=dbrx.n_layers,
+        num_attention_heads=dbrx.n_heads,
+        num_key_value_heads=dbrx.attn_config.kv_n_heads,
+        intermediate_size=ffn.moe_top_k * ffn.ffn_hidden_size,
+        vocab_size=dbrx.vocab_size,
+        max_position_embeddings=dbrx.max_seq_len,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        pad_token_id=dbrx.pad_token_id,
+        bos_token_id=dbrx.bos_token_id,
+        eos_token_id=dbrx.eos_token_id,
+    )
 
 
 def run_models(size: str, work_dir: str) -> dict[str, str]:
@@ -303,8 +417,21 @@ def run_sft(recipe: str, model_dir: str, output_dir: str, size: str, device: str
     result_path = output_dir + ".measured.json"
     # Vibe checks generate text before the first step and after the last: off, so the timing is training alone.
     no_vibes = ["--vibe_prompts", "null"] if load_yaml_mapping(recipe).get("vibe_prompts") else []
-    command = [sys.executable, os.path.abspath(__file__), device, result_path, recipe, "--model_name_or_path",
-               model_dir, "--output_dir", output_dir, *RUN_ARGS[size], *QUIET, *no_vibes, *DEVICE_ARGS[device]]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        device,
+        result_path,
+        recipe,
+        "--model_name_or_path",
+        model_dir,
+        "--output_dir",
+        output_dir,
+        *RUN_ARGS[size],
+        *QUIET,
+        *no_vibes,
+        *DEVICE_ARGS[device],
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     if device == "cuda":
         env.setdefault("CUDA_VISIBLE_DEVICES", "0")  # one process, one GPU: TRL refuses nn.DataParallel over several
@@ -360,8 +487,9 @@ def vibe_check_trained(runs: dict[str, str], device: str, max_new_tokens: int = 
         model = load_causal_lm(ModelArguments(model_name_or_path=output_dir, dtype=dtype), tokenizer).to(device)
         with open(os.path.join(output_dir, "trainer_state.json"), encoding="utf-8") as handle:
             step = json.load(handle)["global_step"]
-        VibeChecker(prompts, tokenizer, settings, output_dir, stage="sft").run(model, step, is_main=True,
-                                                                              every_rank=False)
+        VibeChecker(prompts, tokenizer, settings, output_dir, stage="sft").run(
+            model, step, is_main=True, every_rank=False
+        )
     page = os.path.join(os.path.dirname(next(iter(runs.values()))), "vibes.html")
     return str(write_report(list(runs.values()), output=page))
 
@@ -454,8 +582,7 @@ def plot_losses(losses: dict[str, dict[int, float]], eval_losses: dict[str, floa
     for index, (name, history) in enumerate(losses.items()):
         ax.plot(list(history), list(history.values()), label=f"{name} train", color=f"C{index}")
         if eval_losses.get(name) is not None:
-            ax.scatter([max(history)], [eval_losses[name]], marker="*", s=150, color=f"C{index}",
-                       label=f"{name} eval")
+            ax.scatter([max(history)], [eval_losses[name]], marker="*", s=150, color=f"C{index}", label=f"{name} eval")
     ax.set_xlabel("optimizer step"), ax.set_ylabel("language-modelling loss"), ax.set_title(title), ax.legend()
     return fig
 
@@ -465,8 +592,10 @@ def plot_run_bars(table: pd.DataFrame, memory_measure: str):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, row, label in ((axes[0], "tokens / s", "tokens / s (higher is faster)"),
-                           (axes[1], "peak memory (MiB)", f"peak memory, MiB\n({memory_measure})")):
+    for ax, row, label in (
+        (axes[0], "tokens / s", "tokens / s (higher is faster)"),
+        (axes[1], "peak memory (MiB)", f"peak memory, MiB\n({memory_measure})"),
+    ):
         values = table.loc[row].astype(float)
         ax.bar(values.index, values.values, color=[f"C{i}" for i in range(len(values))])
         ax.set_title(label, fontsize=9)

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_stage_tokenizer(recipe)
     splits = load_stage_datasets(recipe, "prompt", tokenizer, max_length=args.max_prompt_length + args.response_length)
     set_seed(args.seed)
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, train_dataset=splits["train"],
-                         **build_ppo_models(recipe, tokenizer))
+    trainer = PPOTrainer(
+        args=args, processing_class=tokenizer, train_dataset=splits["train"], **build_ppo_models(recipe, tokenizer)
+    )
     return train_and_save(trainer, recipe, "ppo")
 
 

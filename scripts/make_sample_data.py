@@ -33,10 +33,22 @@ from pathlib import Path
 logger = logging.getLogger("make_sample_data")
 
 FRUIT_COLOURS = {
-    "apple": "red", "banana": "yellow", "lemon": "yellow", "lime": "green", "cherry": "red",
-    "grape": "purple", "plum": "purple", "blueberry": "blue", "strawberry": "red", "pear": "green",
-    "coconut": "brown", "blackberry": "black", "pumpkin": "orange", "tangerine": "orange",
-    "avocado": "green", "raspberry": "red",
+    "apple": "red",
+    "banana": "yellow",
+    "lemon": "yellow",
+    "lime": "green",
+    "cherry": "red",
+    "grape": "purple",
+    "plum": "purple",
+    "blueberry": "blue",
+    "strawberry": "red",
+    "pear": "green",
+    "coconut": "brown",
+    "blackberry": "black",
+    "pumpkin": "orange",
+    "tangerine": "orange",
+    "avocado": "green",
+    "raspberry": "red",
 }
 COLOURS = sorted(set(FRUIT_COLOURS.values()))
 COLOUR_QUESTIONS = (
@@ -50,13 +62,40 @@ COLOUR_QUESTIONS = (
     "Name the colour of {a} {fruit}.",
 )
 ECHO_WORDS = (
-    "fox", "lamp", "river", "stone", "cloud", "bread", "chair", "moon", "tree", "boat", "salt", "drum",
-    "glass", "horse", "paper", "rain", "seed", "wolf", "bell", "coin", "door", "frog", "kite", "rope",
+    "fox",
+    "lamp",
+    "river",
+    "stone",
+    "cloud",
+    "bread",
+    "chair",
+    "moon",
+    "tree",
+    "boat",
+    "salt",
+    "drum",
+    "glass",
+    "horse",
+    "paper",
+    "rain",
+    "seed",
+    "wolf",
+    "bell",
+    "coin",
+    "door",
+    "frog",
+    "kite",
+    "rope",
 )
 ECHO_QUESTIONS = ("Repeat these words: {words}", "Say back exactly: {words}", "Echo: {words}")
 SYSTEM_PROMPTS = (None, "You are a helpful assistant.", "Answer in one short sentence.", "You are a concise assistant.")
 
-REFUSALS = ("I do not know.", "I am not sure about that.", "Sorry, I cannot help with that.", "That is a hard question.")
+REFUSALS = (
+    "I do not know.",
+    "I am not sure about that.",
+    "Sorry, I cannot help with that.",
+    "That is a hard question.",
+)
 # Rejected answers: mostly wrong in form (garbled or a refusal), which a tiny reward model learns in a few hundred
 # steps; a few are wrong only in content, so a stronger model has more to learn.
 WRONG_KINDS = (("content", 0.1), ("garbled", 0.45), ("refusal", 0.45))
@@ -167,8 +206,9 @@ def prompt_row(rng: random.Random) -> tuple[str, dict]:
     return _key(prompt), {"prompt": prompt, "answer": short_answer}
 
 
-def split_disjoint(make: Callable[[random.Random], tuple[str, dict]], rng: random.Random, n_train: int,
-                   n_test: int) -> tuple[list[dict], list[dict]]:
+def split_disjoint(
+    make: Callable[[random.Random], tuple[str, dict]], rng: random.Random, n_train: int, n_test: int
+) -> tuple[list[dict], list[dict]]:
     """Draw test rows first, then train rows whose prompt keys are not among the test prompts."""
     test_keys: set[str] = set()
 

@@ -43,13 +43,23 @@ def start_gloo_deepspeed() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def launch_two_ranks(script: str, args: list[str], *, port_offset: int, timeout: float,
-                     what: str) -> subprocess.CompletedProcess:
+def launch_two_ranks(
+    script: str, args: list[str], *, port_offset: int, timeout: float, what: str
+) -> subprocess.CompletedProcess:
     """Run `script args` on WORLD CPU processes and return the finished process; a hang or a failing rank fails the
     test with the ranks' output. `port_offset` keeps concurrently collected tests off each other's rendezvous port."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
-               str(29500 + os.getpid() % 1000 + port_offset), script, *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_port",
+        str(29500 + os.getpid() % 1000 + port_offset),
+        script,
+        *args,
+    ]
     try:
         result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:

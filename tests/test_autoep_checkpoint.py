@@ -20,6 +20,8 @@ from gloo_ranks import VOCAB, build_model, launch_two_ranks, start_gloo_deepspee
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or executes
+
 STEPS = 2
 MICRO_BATCH = 2
 SEQ = 16
@@ -34,8 +36,12 @@ def _train(ds_config: dict, rank: int, world: int):
 
     from dbrx_tune.parallel.zero3 import prepare_for_deepspeed
 
-    ds_config = {**ds_config, "train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_accumulation_steps": 1,
-                 "train_batch_size": MICRO_BATCH * world}
+    ds_config = {
+        **ds_config,
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": MICRO_BATCH * world,
+    }
     model = build_model()
     prepared = prepare_for_deepspeed(model, ds_config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -43,7 +49,7 @@ def _train(ds_config: dict, rank: int, world: int):
     generator = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
         batch = torch.randint(2, VOCAB, (world * MICRO_BATCH, SEQ), generator=generator)
-        micro = batch[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+        micro = batch[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
         engine.backward(engine(input_ids=micro, labels=micro).loss)
         engine.step()
     return engine, prepared
@@ -67,9 +73,17 @@ def _train_with_trainer(ds_config: dict, output_dir: str, max_steps: int = STEPS
         def on_step_end(self, args, state, control, **kwargs):
             self.steps += 1
 
-    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=MICRO_BATCH, max_steps=max_steps,
-                             learning_rate=1e-2, deepspeed=ds_config, use_cpu=True, report_to=[],
-                             save_strategy="steps", save_steps=STEPS)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=MICRO_BATCH,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        deepspeed=ds_config,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=STEPS,
+    )
     model = build_model()
     prepared = prepare_for_deepspeed(model, ds_config)
     ids = torch.randint(2, VOCAB, (max_steps * 2 * MICRO_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -91,14 +105,19 @@ def _worker(out_dir: str) -> None:
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "train_batch_size": "auto",
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                              "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        },
     }
     report: dict = {}
 
     # AutoEP EP=2 through the HF Trainer (how the stage scripts train); checkpoint-STEPS is written during training.
-    ep_config = {**base_config, "expert_parallel": {"enabled": True, "autoep_size": 2, "preset_model": "dbrx",
-                                                     "use_grouped_mm": False}}
+    ep_config = {
+        **base_config,
+        "expert_parallel": {"enabled": True, "autoep_size": 2, "preset_model": "dbrx", "use_grouped_mm": False},
+    }
     trainer, report["ep_prepared"] = _train_with_trainer(ep_config, os.path.join(out_dir, "ep"))
     engine = trainer.model_wrapped
     report["ep_has_autoep_layers"] = has_autoep_layers(engine)
@@ -113,8 +132,12 @@ def _worker(out_dir: str) -> None:
     if rank == 0:
         save_file({"logits": logits.contiguous()}, os.path.join(out_dir, "ep", "logits.safetensors"))
     # Resume from the intermediate checkpoint (DeepSpeed's engine state under AutoEP) and train one more step.
-    resumed, _ = _train_with_trainer(ep_config, os.path.join(out_dir, "ep"), max_steps=STEPS + 1,
-                                     resume=os.path.join(out_dir, "ep", f"checkpoint-{STEPS}"))
+    resumed, _ = _train_with_trainer(
+        ep_config,
+        os.path.join(out_dir, "ep"),
+        max_steps=STEPS + 1,
+        resume=os.path.join(out_dir, "ep", f"checkpoint-{STEPS}"),
+    )
     report["resumed_global_step"] = resumed.state.global_step
     report["resumed_steps_taken"] = resumed.steps_taken  # 1 only if training continued from checkpoint-STEPS
 
@@ -123,8 +146,11 @@ def _worker(out_dir: str) -> None:
     logits = _eval_logits(engine)
     stock = engine._zero3_consolidated_16bit_state_dict()  # what Trainer.save_model saves under ZeRO-3
     if rank == 0:
-        report["plain_stock_expert_shapes"] = {key: list(value.shape) for key, value in stock.items()
-                                               if key.startswith("transformer.blocks.0.ffn.experts.")}
+        report["plain_stock_expert_shapes"] = {
+            key: list(value.shape)
+            for key, value in stock.items()
+            if key.startswith("transformer.blocks.0.ffn.experts.")
+        }
     _save(engine, consolidated_dbrx_state_dict(engine), logits, os.path.join(out_dir, "plain"), rank)
     if rank == 0:
         with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as handle:

@@ -9,13 +9,18 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_smoke(script: str, output: str, *extra: str) -> dict:
     completed = subprocess.run(
         [sys.executable, os.path.join("bench", script), "--smoke", "--layers", "1", "--output", output, *extra],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
     )
     assert completed.returncode == 0, f"bench/{script} --smoke failed:\n{completed.stderr[-4000:]}"
@@ -23,11 +28,20 @@ def _run_smoke(script: str, output: str, *extra: str) -> dict:
         return json.load(handle)
 
 
+@pytest.mark.slow
 def test_train_step_smoke_times_every_mode_from_the_same_weights(tmp_path):
     result = _run_smoke("train_step.py", str(tmp_path / "train_step.json"))
 
-    for key in ("speedup_full", "speedup_lora", "tokens_per_s_ours", "tokens_per_s_stock", "gpu", "torch",
-                "command", "date"):
+    for key in (
+        "speedup_full",
+        "speedup_lora",
+        "tokens_per_s_ours",
+        "tokens_per_s_stock",
+        "gpu",
+        "torch",
+        "command",
+        "date",
+    ):
         assert result[key] is not None, key
     modes = result["modes"]
     assert set(modes) == {"stock_full", "ours_full", "stock_lora", "ours_lora", "ours_lora_attention"}
@@ -38,11 +52,15 @@ def test_train_step_smoke_times_every_mode_from_the_same_weights(tmp_path):
     # Full fine-tuning trains everything; per-expert LoRA trains more than attention-only LoRA, far less than all.
     assert modes["ours_full"]["trainable_params"] == modes["ours_full"]["total_params"]
     assert modes["stock_lora"]["trainable_params"] == modes["ours_lora_attention"]["trainable_params"]
-    assert modes["stock_lora"]["trainable_params"] < modes["ours_lora"]["trainable_params"] < modes["ours_full"][
-        "trainable_params"]
+    assert (
+        modes["stock_lora"]["trainable_params"]
+        < modes["ours_lora"]["trainable_params"]
+        < modes["ours_full"]["trainable_params"]
+    )
     assert result["speedup_full"] == round(modes["stock_full"]["step_ms"] / modes["ours_full"]["step_ms"], 3)
 
 
+@pytest.mark.slow
 def test_qlora_smoke_takes_one_finite_step_on_4bit_experts_and_4bit_attention(tmp_path):
     result = _run_smoke("qlora_132b.py", str(tmp_path / "qlora.json"))
 
@@ -65,17 +83,26 @@ def test_trace_summary_splits_compute_idle_time_into_nccl_wait_and_empty_gpu():
     summarize = trace_summary.summarize
 
     def event(category, name, thread, start_ms, duration_ms, pid=0):
-        return {"ph": "X", "cat": category, "name": name, "pid": pid, "tid": thread, "ts": start_ms * 1000,
-                "dur": duration_ms * 1000}
+        return {
+            "ph": "X",
+            "cat": category,
+            "name": name,
+            "pid": pid,
+            "tid": thread,
+            "ts": start_ms * 1000,
+            "dur": duration_ms * 1000,
+        }
 
-    trace = {"traceEvents": [
-        event("kernel", "sm90_xmma_gemm_bf16", 7, 0, 100),
-        event("kernel", "ncclDevKernel_AllGather_RING_LL", 20, 90, 50),
-        event("kernel", "flash_fwd_kernel", 7, 150, 50),
-        event("kernel", "vectorized_elementwise_kernel", 7, 220, 30),
-        event("cpu_op", "aten::item", 1, 135, 30, pid=1),
-        event("cuda_runtime", "cudaStreamSynchronize", 1, 195, 20, pid=1),
-    ]}
+    trace = {
+        "traceEvents": [
+            event("kernel", "sm90_xmma_gemm_bf16", 7, 0, 100),
+            event("kernel", "ncclDevKernel_AllGather_RING_LL", 20, 90, 50),
+            event("kernel", "flash_fwd_kernel", 7, 150, 50),
+            event("kernel", "vectorized_elementwise_kernel", 7, 220, 30),
+            event("cpu_op", "aten::item", 1, 135, 30, pid=1),
+            event("cuda_runtime", "cudaStreamSynchronize", 1, 195, 20, pid=1),
+        ]
+    }
     summary = summarize(trace)
 
     assert summary["compute_stream"] == "7" and summary["wall_ms"] == 250

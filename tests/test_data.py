@@ -67,14 +67,16 @@ def n_tokens(tokenizer: PreTrainedTokenizerFast, text: str) -> int:
 
 @pytest.fixture(scope="module")
 def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer with a ChatML template: one token per word, so lengths are easy to reason about."""
+    """A whitespace word-level tokenizer with a ChatML template: one token per word, so lengths are easy to reason
+    about."""
     words = {f"w{i}" for i in range(64)} | {"system", "user", "assistant", "hello", "answer"}
     vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|endoftext|>": 3}
     vocab.update({w: i + len(vocab) for i, w in enumerate(sorted(words))})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="[UNK]",
-                                        chat_template=CHATML)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="[UNK]", chat_template=CHATML
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     return tokenizer
 
@@ -155,7 +157,9 @@ def test_loads_directory_with_split_files(tmp_path):
 
 
 def test_loads_saved_dataset_directory(tmp_path):
-    DatasetDict({"train": Dataset.from_list(ROWS[:6]), "eval": Dataset.from_list(ROWS[6:])}).save_to_disk(str(tmp_path / "d"))
+    DatasetDict({"train": Dataset.from_list(ROWS[:6]), "eval": Dataset.from_list(ROWS[6:])}).save_to_disk(
+        str(tmp_path / "d")
+    )
     splits = load_splits(str(tmp_path / "d"), test_split="eval")
     assert (len(splits["train"]), len(splits["test"])) == (6, 4)
 
@@ -192,7 +196,8 @@ def test_eval_dataset_and_hold_out_and_sample_caps(tmp_path):
     held = load_splits(train, test_split_size=0.3, seed=1)
     assert (len(held["train"]), len(held["test"])) == (7, 3)
     assert sorted(map(json.dumps, list(held["train"]["messages"]) + list(held["test"]["messages"]))) == sorted(
-        json.dumps(r["messages"]) for r in ROWS)
+        json.dumps(r["messages"]) for r in ROWS
+    )
 
 
 def test_malformed_jsonl_line_is_named(tmp_path):
@@ -211,27 +216,55 @@ GOOD_PROMPT = {"prompt": [user("hi")], "answer": "hello"}
 
 BAD_ROWS = [
     (validate_sft_dataset, GOOD_SFT, {"messages": [user("hi"), {"role": "bot", "content": "x"}]}, "role is 'bot'"),
-    (validate_sft_dataset, GOOD_SFT, {"messages": [user("hi"), {"role": "system", "content": "x"}, assistant("a")]},
-     "system message may only come first"),
+    (
+        validate_sft_dataset,
+        GOOD_SFT,
+        {"messages": [user("hi"), {"role": "system", "content": "x"}, assistant("a")]},
+        "system message may only come first",
+    ),
     (validate_sft_dataset, GOOD_SFT, {"messages": [user("hi"), assistant("  ")]}, "empty assistant turn"),
     (validate_sft_dataset, GOOD_SFT, {"messages": [user("hi")]}, "no assistant turn"),
-    (validate_sft_dataset, GOOD_SFT, {"messages": [user("hi"), {"role": "assistant", "content": 3}]},
-     r"content must be a string, got int"),
+    (
+        validate_sft_dataset,
+        GOOD_SFT,
+        {"messages": [user("hi"), {"role": "assistant", "content": 3}]},
+        r"content must be a string, got int",
+    ),
     (validate_sft_dataset, GOOD_SFT, {"messages": "hi there"}, "must be a non-empty list"),
-    (validate_sft_dataset, GOOD_SFT, {"messages": [user("hi"), {"role": "assistant"}]},
-     "content must be a string, got NoneType"),
+    (
+        validate_sft_dataset,
+        GOOD_SFT,
+        {"messages": [user("hi"), {"role": "assistant"}]},
+        "content must be a string, got NoneType",
+    ),
     (validate_sft_dataset, GOOD_PC, {"prompt": [user("hi")], "completion": [assistant("")]}, "empty assistant turn"),
     (validate_sft_dataset, GOOD_PC, {"prompt": "hi", "completion": [assistant("x")]}, "completion must be a string"),
-    (validate_sft_dataset, GOOD_PC, {"prompt": [user("hi")], "completion": [user("x")]},
-     "completion may only hold assistant messages"),
+    (
+        validate_sft_dataset,
+        GOOD_PC,
+        {"prompt": [user("hi")], "completion": [user("x")]},
+        "completion may only hold assistant messages",
+    ),
     (validate_preference_dataset, GOOD_PREF, {**GOOD_PREF, "chosen": []}, "chosen must be a non-empty list"),
-    (validate_preference_dataset, GOOD_PREF, {**GOOD_PREF, "rejected": GOOD_PREF["chosen"]},
-     "chosen and rejected are identical"),
-    (validate_preference_dataset, GOOD_PREF, {**GOOD_PREF, "prompt": [user("hi"), assistant("x")]},
-     "ends with an assistant turn"),
+    (
+        validate_preference_dataset,
+        GOOD_PREF,
+        {**GOOD_PREF, "rejected": GOOD_PREF["chosen"]},
+        "chosen and rejected are identical",
+    ),
+    (
+        validate_preference_dataset,
+        GOOD_PREF,
+        {**GOOD_PREF, "prompt": [user("hi"), assistant("x")]},
+        "ends with an assistant turn",
+    ),
     (validate_preference_dataset, GOOD_PREF, {**GOOD_PREF, "rejected": "go away"}, "rejected must be a list"),
-    (validate_prompt_dataset, GOOD_PROMPT, {"prompt": [user("hi"), {"role": "tool", "content": "x"}], "answer": "a"},
-     "role is 'tool'"),
+    (
+        validate_prompt_dataset,
+        GOOD_PROMPT,
+        {"prompt": [user("hi"), {"role": "tool", "content": "x"}], "answer": "a"},
+        "role is 'tool'",
+    ),
 ]
 
 
@@ -246,12 +279,19 @@ def test_bad_row_error_names_file_row_and_problem(tmp_path, validate, good, bad,
     validate(load_splits(str(write_jsonl(tmp_path / "good.jsonl", [good, good])))["train"], "good.jsonl")
 
 
-@pytest.mark.parametrize("validate,row,expected", [
-    (validate_sft_dataset, {"msgs": [user("hi")]}, "messages"),
-    (validate_sft_dataset, GOOD_PREF, "messages"),
-    (validate_preference_dataset, {"prompt": [user("hi")], "chosen": [assistant("a")]}, "prompt\\+chosen\\+rejected"),
-    (validate_prompt_dataset, {"question": "hi"}, "'prompt'"),
-])
+@pytest.mark.parametrize(
+    "validate,row,expected",
+    [
+        (validate_sft_dataset, {"msgs": [user("hi")]}, "messages"),
+        (validate_sft_dataset, GOOD_PREF, "messages"),
+        (
+            validate_preference_dataset,
+            {"prompt": [user("hi")], "chosen": [assistant("a")]},
+            "prompt\\+chosen\\+rejected",
+        ),
+        (validate_prompt_dataset, {"question": "hi"}, "'prompt'"),
+    ],
+)
 def test_missing_columns_name_expected_and_present_columns(tmp_path, validate, row, expected):
     path = write_jsonl(tmp_path / "cols.jsonl", [row])
     with pytest.raises(DatasetValidationError, match=expected) as err:
@@ -269,7 +309,10 @@ def test_error_lists_a_few_rows_and_counts_the_rest():
 
 def test_detect_format_names_each_format():
     cases = {
-        "messages": GOOD_SFT, "text": {"text": "hello"}, "prompt_completion": GOOD_PC, "preference": GOOD_PREF,
+        "messages": GOOD_SFT,
+        "text": {"text": "hello"},
+        "prompt_completion": GOOD_PC,
+        "preference": GOOD_PREF,
         "implicit_preference": {"chosen": [user("q"), assistant("a")], "rejected": [user("q"), assistant("b")]},
         "prompt_only": GOOD_PROMPT,
     }
@@ -291,9 +334,13 @@ def test_validation_of_thousands_of_rows_is_fast():
 def test_check_lengths_names_rows_longer_than_max_length(word_tokenizer):
     rows = [{"messages": [user(" ".join(f"w{j}" for j in range(n))), assistant("answer")]} for n in (2, 30, 3)]
     dataset = Dataset.from_list(rows)
-    lengths = [n_tokens(word_tokenizer, word_tokenizer.apply_chat_template(r["messages"], tokenize=False)) for r in rows]
+    lengths = [
+        n_tokens(word_tokenizer, word_tokenizer.apply_chat_template(r["messages"], tokenize=False)) for r in rows
+    ]
     assert check_lengths(dataset, word_tokenizer, max(lengths), "ok.jsonl") == max(lengths)
-    with pytest.raises(DatasetValidationError, match=rf"long.jsonl: 1 invalid row .*\n  row 1: messages is {lengths[1]} tokens"):
+    with pytest.raises(
+        DatasetValidationError, match=rf"long.jsonl: 1 invalid row .*\n  row 1: messages is {lengths[1]} tokens"
+    ):
         check_lengths(dataset, word_tokenizer, lengths[1] - 1, "long.jsonl")
     assert check_lengths(dataset, word_tokenizer, lengths[1] - 1, "long.jsonl", allow_truncation=True) == lengths[1]
 
@@ -301,8 +348,9 @@ def test_check_lengths_names_rows_longer_than_max_length(word_tokenizer):
 def test_check_lengths_requires_room_for_a_completion_even_with_truncation(word_tokenizer):
     long_prompt = [user(" ".join(f"w{j}" for j in range(40)))]
     rows = [GOOD_PREF, {**GOOD_PREF, "prompt": long_prompt}]
-    prompt_len = n_tokens(word_tokenizer, word_tokenizer.apply_chat_template(long_prompt, tokenize=False,
-                                                                             add_generation_prompt=True))
+    prompt_len = n_tokens(
+        word_tokenizer, word_tokenizer.apply_chat_template(long_prompt, tokenize=False, add_generation_prompt=True)
+    )
     with pytest.raises(DatasetValidationError, match=rf"row 1: prompt is {prompt_len} tokens, leaving no room"):
         check_lengths(Dataset.from_list(rows), word_tokenizer, prompt_len, "pref.jsonl", allow_truncation=True)
     check_lengths(Dataset.from_list(rows), word_tokenizer, prompt_len + 1, "pref.jsonl", allow_truncation=True)
@@ -322,6 +370,7 @@ def test_conversational_lengths_need_a_chat_template(word_tokenizer):
         check_lengths(Dataset.from_list([GOOD_SFT]), tokenizer, 64, "x.jsonl")
 
 
+@pytest.mark.slow
 def test_bundled_data_fits_the_tiny_recipe_length_with_the_dbrx_tokenizer():
     from dbrx_tune.tokenizer import build_dbrx_tokenizer
 

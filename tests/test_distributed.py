@@ -57,8 +57,12 @@ def _worker(mode: str, out_path: str) -> None:
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     }
     if mode == "ep":
-        ds_config["expert_parallel"] = {"enabled": True, "autoep_size": 2, "preset_model": "dbrx",
-                                        "use_grouped_mm": False}
+        ds_config["expert_parallel"] = {
+            "enabled": True,
+            "autoep_size": 2,
+            "preset_model": "dbrx",
+            "use_grouped_mm": False,
+        }
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 (keeps ZeRO-3 "active" for transformers)
     report: dict = {}
 
@@ -80,7 +84,7 @@ def _worker(mode: str, out_path: str) -> None:
     report["ffn_class"] = type(engine.module.transformer.blocks[0].ffn).__name__
     losses = []
     for batch in batches(world):
-        micro = batch[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+        micro = batch[rank * MICRO_BATCH : (rank + 1) * MICRO_BATCH]
         loss = engine(input_ids=micro, labels=micro).loss
         engine.backward(loss)
         engine.step()
@@ -115,8 +119,10 @@ def reference_losses():
     return single_process_losses(world_size=2)
 
 
-@pytest.mark.parametrize("mode, prepared, ffn_class", [("leaf", "zero3_leaf", "DbrxFFN"),
-                                                        ("ep", "autoep", "AutoEPMoELayer")])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "mode, prepared, ffn_class", [("leaf", "zero3_leaf", "DbrxFFN"), ("ep", "autoep", "AutoEPMoELayer")]
+)
 def test_zero3_two_ranks_train_like_one_process_and_survive_skewed_routing(
     mode, prepared, ffn_class, reference_losses, tmp_path
 ):
@@ -145,8 +151,9 @@ def test_dbrx_autoep_preset_replaces_blocks_with_the_same_outputs_and_router_log
     register_dbrx_autoep_preset()
     assert prepare_dbrx_for_autoep(model) == 2
     assert "transformer.blocks.0.ffn.router_gate.weight" not in model.state_dict()  # alias is not a submodule
-    autoep = AutoEP(model, parse_autoep_config({"enabled": True, "autoep_size": 1, "preset_model": "dbrx",
-                                                 "use_grouped_mm": False}))
+    autoep = AutoEP(
+        model, parse_autoep_config({"enabled": True, "autoep_size": 1, "preset_model": "dbrx", "use_grouped_mm": False})
+    )
     specs = autoep.ep_parser()
     assert [s.moe_module_name for s in specs] == ["transformer.blocks.0.ffn", "transformer.blocks.1.ffn"]
     spec = specs[0]
@@ -193,6 +200,7 @@ def test_deepspeed_rejects_the_dbrx_preset_until_registered_then_accepts_it():
 
 # --- configuration checks before launch ---------------------------------------------------------------------
 
+
 def ep_config(size, **extra):
     config = {"zero_optimization": {"stage": 3}, "expert_parallel": {"enabled": True, "autoep_size": size}}
     for key, value in extra.items():
@@ -225,19 +233,28 @@ def test_repo_zero3_ep_config_passes_deepspeeds_own_autoep_validation():
     validate_autoep_config(autoep, world_size=16, pp_size=1, tp_size=1, sp_size=1, zero_stage=3)
 
 
-@pytest.mark.parametrize("config, kwargs, message", [
-    (ep_config(3), {"world_size": 6, "num_experts": 16}, "does not divide the model's 16 experts"),
-    (ep_config(4), {"world_size": 6, "num_experts": 16}, "does not divide the world size 6"),
-    (ep_config(2), {"world_size": 8, "num_experts": 16, "experts_implementation": "eager"}, "grouped"),
-    (ep_config(2), {"world_size": 8, "num_experts": 16, "use_peft": True}, "use_peft"),
-    (ep_config(2, zero_optimization={"zero_quantized_gradients": True}), {"world_size": 8, "num_experts": 16},
-     "quantized gradients"),
-    (ep_config(2, zero_optimization={"zero_hpz_partition_size": 8}), {"world_size": 8, "num_experts": 16}, "hpZ"),
-    (ep_config(2, sequence_parallel_size=2), {"world_size": 8, "num_experts": 16}, "sequence parallelism"),
-    (ep_config(2, expert_parallel={"expert_tensor_parallel_size": 2}), {"world_size": 8, "num_experts": 16},
-     "expert tensor parallelism"),
-    (ep_config(2, expert_parallel={"preset_model": "mixtral"}), {"world_size": 8, "num_experts": 16}, "'dbrx'"),
-])
+@pytest.mark.parametrize(
+    "config, kwargs, message",
+    [
+        (ep_config(3), {"world_size": 6, "num_experts": 16}, "does not divide the model's 16 experts"),
+        (ep_config(4), {"world_size": 6, "num_experts": 16}, "does not divide the world size 6"),
+        (ep_config(2), {"world_size": 8, "num_experts": 16, "experts_implementation": "eager"}, "grouped"),
+        (ep_config(2), {"world_size": 8, "num_experts": 16, "use_peft": True}, "use_peft"),
+        (
+            ep_config(2, zero_optimization={"zero_quantized_gradients": True}),
+            {"world_size": 8, "num_experts": 16},
+            "quantized gradients",
+        ),
+        (ep_config(2, zero_optimization={"zero_hpz_partition_size": 8}), {"world_size": 8, "num_experts": 16}, "hpZ"),
+        (ep_config(2, sequence_parallel_size=2), {"world_size": 8, "num_experts": 16}, "sequence parallelism"),
+        (
+            ep_config(2, expert_parallel={"expert_tensor_parallel_size": 2}),
+            {"world_size": 8, "num_experts": 16},
+            "expert tensor parallelism",
+        ),
+        (ep_config(2, expert_parallel={"preset_model": "mixtral"}), {"world_size": 8, "num_experts": 16}, "'dbrx'"),
+    ],
+)
 def test_bad_parallel_settings_are_rejected_before_launch(config, kwargs, message):
     from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config
 
@@ -249,23 +266,33 @@ def test_zero3_without_ep_and_ep_under_zero2_pass_the_checks():
     from dbrx_tune.parallel.launch import check_parallel_config
 
     check_parallel_config({"zero_optimization": {"stage": 3}}, world_size=6, num_experts=16, use_peft=True)
-    check_parallel_config(ep_config(2, zero_optimization={"stage": 2, "zero_quantized_gradients": True}),
-                          world_size=4, num_experts=16)
+    check_parallel_config(
+        ep_config(2, zero_optimization={"stage": 2, "zero_quantized_gradients": True}), world_size=4, num_experts=16
+    )
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"main_process_ip": None}, "main_process_ip"),
-    ({"main_process_ip": "bad host!"}, "main_process_ip"),
-    ({"main_process_port": None}, "main_process_port"),
-    ({"machine_rank": 2}, "machine_rank"),
-    ({"num_processes": 15}, "not a multiple"),
-    ({"rdzv_backend": "tcp"}, "rdzv_backend"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"main_process_ip": None}, "main_process_ip"),
+        ({"main_process_ip": "bad host!"}, "main_process_ip"),
+        ({"main_process_port": None}, "main_process_port"),
+        ({"machine_rank": 2}, "machine_rank"),
+        ({"num_processes": 15}, "not a multiple"),
+        ({"rdzv_backend": "tcp"}, "rdzv_backend"),
+    ],
+)
 def test_multi_node_launch_without_complete_addresses_is_rejected(override, message):
     from dbrx_tune.parallel.launch import ParallelConfigError, check_launch_settings
 
-    settings = {"num_machines": 2, "num_processes": 16, "machine_rank": 1, "main_process_ip": "10.0.0.1",
-                "main_process_port": 29500, "rdzv_backend": "c10d"}
+    settings = {
+        "num_machines": 2,
+        "num_processes": 16,
+        "machine_rank": 1,
+        "main_process_ip": "10.0.0.1",
+        "main_process_port": 29500,
+        "rdzv_backend": "c10d",
+    }
     check_launch_settings(settings)
     with pytest.raises(ParallelConfigError, match=message):
         check_launch_settings({**settings, **override})
@@ -298,14 +325,31 @@ def slurm_dry_run(**extra_env: str) -> list[str]:
     if "PYTORCH_CUDA_ALLOC_CONF" not in extra_env:
         env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
     result = subprocess.run(
-        ["bash", "scripts/slurm_launch.sh", "--dry-run", "--nodes", "gpu[01-03]", "--gpus-per-node", "8", "--",
-         "sft/train.py", "recipes/dbrx_sft.yaml", "--learning_rate", "5e-6"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            "bash",
+            "scripts/slurm_launch.sh",
+            "--dry-run",
+            "--nodes",
+            "gpu[01-03]",
+            "--gpus-per-node",
+            "8",
+            "--",
+            "sft/train.py",
+            "recipes/dbrx_sft.yaml",
+            "--learning_rate",
+            "5e-6",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_slurm_launcher_dry_run_prints_one_accelerate_launch_per_node():
     lines = slurm_dry_run()
     assert len(lines) == 3
@@ -319,22 +363,40 @@ def test_slurm_launcher_dry_run_prints_one_accelerate_launch_per_node():
         assert line.rstrip().endswith("sft/train.py recipes/dbrx_sft.yaml --learning_rate 5e-6")
 
 
+@pytest.mark.slow
 def test_slurm_launcher_keeps_the_users_allocator_setting():
     (line, *_) = slurm_dry_run(PYTORCH_CUDA_ALLOC_CONF="garbage_collection_threshold:0.6")
     assert line.startswith("PYTORCH_CUDA_ALLOC_CONF=garbage_collection_threshold:0.6 ")
 
 
+@pytest.mark.slow
 def test_slurm_launcher_refuses_a_bad_ep_size_before_launching(tmp_path):
     bad = tmp_path / "ep3.json"
     bad.write_text(json.dumps(ep_config(3)))
     config = tmp_path / "accelerate.yaml"
-    config.write_text(f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {bad}\n"
-                      "num_machines: 2\nnum_processes: 16\nmain_process_port: 29500\nrdzv_backend: c10d\n")
+    config.write_text(
+        f"distributed_type: DEEPSPEED\ndeepspeed_config:\n  deepspeed_config_file: {bad}\n"
+        "num_machines: 2\nnum_processes: 16\nmain_process_port: 29500\nrdzv_backend: c10d\n"
+    )
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHON=sys.executable)
     result = subprocess.run(
-        ["bash", "scripts/slurm_launch.sh", "--dry-run", "--nodes", "n[1-2]", "--config", str(config), "--",
-         "sft/train.py", "recipes/dbrx_sft.yaml"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            "bash",
+            "scripts/slurm_launch.sh",
+            "--dry-run",
+            "--nodes",
+            "n[1-2]",
+            "--config",
+            str(config),
+            "--",
+            "sft/train.py",
+            "recipes/dbrx_sft.yaml",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "does not divide the model's 16 experts" in result.stderr

@@ -127,4 +127,7 @@ def test_saved_adapter_is_a_standard_peft_adapter(tmp_path):
     apply_expert_lora(_swapped_model(), r=4, alpha=8).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and sorted(config["target_parameters"]) == [
-        "ffn.experts.v1", "ffn.experts.w1", "ffn.experts.w2"]
+        "ffn.experts.v1",
+        "ffn.experts.w1",
+        "ffn.experts.w2",
+    ]

@@ -283,7 +283,9 @@ def test_experts_with_the_fused_function_match_eager_under_checkpointing_and_lor
     weights, index = _routing(12, ffn_config)
     x = torch.randn(2, 6, d)
     grad_out = torch.randn(2, 6, d)
-    trainable = [module.w1, module.v1, module.w2] + [t for deltas in lora.values() for delta in deltas for t in delta[:2]]
+    trainable = [module.w1, module.v1, module.w2] + [
+        t for deltas in lora.values() for delta in deltas for t in delta[:2]
+    ]
 
     def run(fused: bool):
         monkeypatch.setattr(

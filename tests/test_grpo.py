@@ -33,8 +33,19 @@ def train_logs(output_dir) -> list[dict]:
 
 
 def quick(tmp_path, *overrides: str) -> list[str]:
-    return ["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--max_steps", "2",
-            "--max_eval_samples", "2", "--max_completion_length", "4", *overrides]
+    return [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--report_to",
+        "none",
+        "--max_steps",
+        "2",
+        "--max_eval_samples",
+        "2",
+        "--max_completion_length",
+        "4",
+        *overrides,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +56,18 @@ def tiny_reward_model_dir(tmp_path_factory, dbrx_tokenizer):
     return str(path)
 
 
+@pytest.mark.slow
 def test_tiny_grpo_counts_the_dbrx_router_loss_once_with_its_own_weight(tmp_path):
     from rlhf.grpo import main
 
     # A rule no completion can meet: every group's rewards are equal, the policy-gradient term is zero, and with
     # beta 0 the whole loss is the router loss, weighted by the recipe's moe_loss_weight.
-    main([TINY_GRPO, *quick(tmp_path, "--reward_function", "rule:contains:zqzqzqzq", "--beta", "0",
-                             "--moe_loss_weight", "0.3")])
+    main(
+        [
+            TINY_GRPO,
+            *quick(tmp_path, "--reward_function", "rule:contains:zqzqzqzq", "--beta", "0", "--moe_loss_weight", "0.3"),
+        ]
+    )
     logs = train_logs(tmp_path / "out")
     assert len(logs) == 2
     for log in logs:
@@ -62,6 +78,7 @@ def test_tiny_grpo_counts_the_dbrx_router_loss_once_with_its_own_weight(tmp_path
     assert saved["output_router_logits"] is False  # the saved policy generates without computing the loss
 
 
+@pytest.mark.slow
 def test_tiny_grpo_reference_starts_as_the_policy_built_by_the_dbrx_loader(tmp_path):
     from rlhf.grpo import main
 
@@ -72,6 +89,7 @@ def test_tiny_grpo_reference_starts_as_the_policy_built_by_the_dbrx_loader(tmp_p
     assert "rewards/rule:contains_answer/mean" in logs[0]
 
 
+@pytest.mark.slow
 def test_tiny_rloo_runs_with_a_frozen_reference_and_the_router_loss(tmp_path):
     from rlhf.rloo import main
 
@@ -82,17 +100,25 @@ def test_tiny_rloo_runs_with_a_frozen_reference_and_the_router_loss(tmp_path):
     assert "eval_reward" in metrics
 
 
+@pytest.mark.slow
 def test_grpo_scores_completions_with_a_reward_model_checkpoint(tmp_path, tiny_reward_model_dir):
     from rlhf.grpo import main
 
-    main([TINY_GRPO, *quick(tmp_path, "--reward_model_path", tiny_reward_model_dir, "--reward_function", "null",
-                             "--max_steps", "1")])
+    main(
+        [
+            TINY_GRPO,
+            *quick(
+                tmp_path, "--reward_model_path", tiny_reward_model_dir, "--reward_function", "null", "--max_steps", "1"
+            ),
+        ]
+    )
     log = train_logs(tmp_path / "out")[0]
     name = f"rewards/{os.path.basename(tiny_reward_model_dir)}/mean"
     assert name in log and torch.isfinite(torch.tensor(log[name]))
     assert log["reward_std"] > 0  # a random score head tells the sampled completions apart
 
 
+@pytest.mark.slow
 def test_grpo_refuses_a_causal_lm_as_reward_model_and_a_recipe_without_reward(tmp_path, dbrx_tokenizer):
     from rlhf.grpo import main
 
@@ -114,6 +140,7 @@ def test_rule_reward_reads_conversational_completions_and_dataset_columns():
     assert RuleRewardFunc("rule:contains:green")(["q", "q"], ["a green leaf", "red"]) == [1.0, 0.0]
 
 
+@pytest.mark.slow
 def test_grpo_raises_the_rule_reward_of_a_warmed_up_dbrx_policy(tmp_path, dbrx_tokenizer):
     torch.manual_seed(0)
     policy = DbrxForCausalLM(sync_moe_config(tiny_dbrx_config()))
@@ -122,19 +149,36 @@ def test_grpo_raises_the_rule_reward_of_a_warmed_up_dbrx_policy(tmp_path, dbrx_t
     prompt = dbrx_tokenizer("Colour:", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + dbrx_tokenizer(w, add_special_tokens=False)["input_ids"] + [IM_END] for w in WORDS])
     labels = ids.clone()
-    labels[:, :len(prompt)] = -100
+    labels[:, : len(prompt)] = -100
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
     for _ in range(30):
         optimizer.zero_grad()
         policy(input_ids=ids, labels=labels).loss.backward()
         optimizer.step()
 
-    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), use_cpu=True, bf16=False, report_to="none", seed=0, max_steps=10,
-                      per_device_train_batch_size=16, num_generations=8, max_completion_length=3, temperature=1.0,
-                      learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no")
-    trainer = GRPOTrainer(model=policy, reward_funcs=RuleRewardFunc("rule:contains:blue"), args=args,
-                          train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 64}),
-                          processing_class=dbrx_tokenizer)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        seed=0,
+        max_steps=10,
+        per_device_train_batch_size=16,
+        num_generations=8,
+        max_completion_length=3,
+        temperature=1.0,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=RuleRewardFunc("rule:contains:blue"),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 64}),
+        processing_class=dbrx_tokenizer,
+    )
     trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert len(rewards) == 10

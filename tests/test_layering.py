@@ -54,8 +54,11 @@ def imported_modules(path: Path) -> set[str]:
             found.add(base)
             # `from dbrx_tune.evals import vibes` imports the submodule dbrx_tune.evals.vibes
             folder = REPO_ROOT / base.replace(".", os.sep)
-            found.update(f"{base}.{alias.name}" for alias in node.names
-                         if (folder / alias.name).is_dir() or (folder / f"{alias.name}.py").is_file())
+            found.update(
+                f"{base}.{alias.name}"
+                for alias in node.names
+                if (folder / alias.name).is_dir() or (folder / f"{alias.name}.py").is_file()
+            )
     return {name for name in found if name.split(".")[0] in ("dbrx_tune", *SCRIPT_FOLDERS)}
 
 
@@ -98,7 +101,7 @@ def test_no_import_cycles():
         state[node] = "open"
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                cycles.append(" -> ".join(trail[trail.index(target):] + [target]))
+                cycles.append(" -> ".join(trail[trail.index(target) :] + [target]))
             elif target not in state:
                 visit(target, trail + [target])
         state[node] = "done"
@@ -116,7 +119,9 @@ def test_scripts_are_not_installed_and_not_packages():
     setup = (REPO_ROOT / "setup.cfg").read_text(encoding="utf-8")
     include = setup.split("[options.packages.find]")[1].split("[")[0]
     assert [line.strip() for line in include.splitlines() if line.strip() and not line.startswith("include")] == [
-        "dbrx_tune", "dbrx_tune.*"]
+        "dbrx_tune",
+        "dbrx_tune.*",
+    ]
 
 
 def test_the_layering_test_sees_a_planted_back_arrow():

@@ -50,6 +50,7 @@ def test_sync_moe_config_exposes_dbrx_weight_under_trl_names():
     assert (config.num_experts, config.num_experts_per_tok) == (4, 2)
 
 
+@pytest.mark.slow
 def test_logged_training_loss_includes_weighted_router_loss(base_model, dbrx_tokenizer, tmp_path):
     weight = 0.5  # large, so the difference is far above the 4-decimal rounding of logged losses
     logs = {}

@@ -16,6 +16,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or executes
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO_ROOT, "notebooks", "dbrx_vs_llama2.ipynb")
 CELL_TIMEOUT_S = 300
@@ -63,8 +65,10 @@ def executed(tmp_path_factory):
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    summary_line = next(line for line in _stdout(_tagged(notebook, "summary")).splitlines() if line.startswith("SUMMARY "))
-    return notebook, json.loads(summary_line[len("SUMMARY "):])
+    summary_line = next(
+        line for line in _stdout(_tagged(notebook, "summary")).splitlines() if line.startswith("SUMMARY ")
+    )
+    return notebook, json.loads(summary_line[len("SUMMARY ") :])
 
 
 def test_committed_notebook_has_no_outputs():

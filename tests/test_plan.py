@@ -41,8 +41,13 @@ def test_checkpointing_expert_parallelism_and_lora_each_shrink_the_plan():
     base = plan({**FULL, "gradient_checkpointing": False}, DBRX, gpus=64, gpu_memory_gb=80, ds_config=ZERO3)
     ckpt = plan(FULL, DBRX, gpus=64, gpu_memory_gb=80, ds_config=ZERO3)
     assert ckpt.activations_gb < base.activations_gb == base.activations_full_gb
-    ep = plan(FULL, DBRX, gpus=64, gpu_memory_gb=80,
-              ds_config={**ZERO3, "expert_parallel": {"enabled": True, "autoep_size": 8}})
+    ep = plan(
+        FULL,
+        DBRX,
+        gpus=64,
+        gpu_memory_gb=80,
+        ds_config={**ZERO3, "expert_parallel": {"enabled": True, "autoep_size": 8}},
+    )
     assert ep.working_set_gb == pytest.approx(ckpt.working_set_gb / 8, rel=0.01) and ep.min_gpus % 8 == 0
     lora = plan({**FULL, "use_peft": True}, DBRX, gpus=8, gpu_memory_gb=80, ds_config=ZERO3)
     qlora = plan({**FULL, "use_peft": True, "load_in_4bit": True}, DBRX, gpus=8, gpu_memory_gb=80, ds_config=ZERO3)
@@ -52,9 +57,19 @@ def test_checkpointing_expert_parallelism_and_lora_each_shrink_the_plan():
     assert (lora.method, qlora.method) == ("lora", "qlora")
 
 
+@pytest.mark.slow
 def test_cli_plans_the_dbrx_recipe_offline_as_json_and_table():
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    command = [sys.executable, "-m", "dbrx_tune.tools.plan", "recipes/dbrx_sft.yaml", "--gpus", "16", "--gpu-memory", "80"]
+    command = [
+        sys.executable,
+        "-m",
+        "dbrx_tune.tools.plan",
+        "recipes/dbrx_sft.yaml",
+        "--gpus",
+        "16",
+        "--gpu-memory",
+        "80",
+    ]
     result = subprocess.run(command + ["--json"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
@@ -64,9 +79,15 @@ def test_cli_plans_the_dbrx_recipe_offline_as_json_and_table():
     assert "smallest GPU count that fits" in table.stdout and str(data["min_gpus"]) in table.stdout
 
 
+@pytest.mark.slow
 def test_cli_names_a_missing_recipe():
-    result = subprocess.run([sys.executable, "-m", "dbrx_tune.tools.plan", "nope.yaml", "--gpus", "8"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "dbrx_tune.tools.plan", "nope.yaml", "--gpus", "8"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2 and "nope.yaml" in result.stderr
 
 
@@ -87,9 +108,16 @@ def _meta_model(hub_id: str):
     with torch.device("meta"):
         if k["experts"] > 1:
             return DbrxForCausalLM(dbrx_base_config(n_layers=k["n_layers"]))
-        return LlamaForCausalLM(LlamaConfig(
-            hidden_size=k["d_model"], num_hidden_layers=k["n_layers"], num_attention_heads=k["n_heads"],
-            num_key_value_heads=k["kv_heads"], intermediate_size=k["ffn"], vocab_size=k["vocab"]))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=k["d_model"],
+                num_hidden_layers=k["n_layers"],
+                num_attention_heads=k["n_heads"],
+                num_key_value_heads=k["kv_heads"],
+                intermediate_size=k["ffn"],
+                vocab_size=k["vocab"],
+            )
+        )
 
 
 @pytest.mark.parametrize("hub_id", ["databricks/dbrx-base", LLAMA_7B, LLAMA_70B])
@@ -98,13 +126,16 @@ def test_known_shapes_count_exactly_the_parameters_transformers_builds(hub_id):
     assert shape.total_params == sum(p.numel() for p in _meta_model(hub_id).parameters())
 
 
-@pytest.mark.parametrize("model_dir, recipe_values", [
-    ("recipes/tiny/dbrx-tiny", {}),
-    ("recipes/tiny/dbrx-tiny", {"lora_target_experts": False}),
-    ("recipes/tiny/dbrx-tiny", {"lora_target_attention": False, "train_router": True}),
-    ("recipes/tiny/llama2-tiny", {}),
-    ("recipes/tiny/llama2-tiny", {"lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
-])
+@pytest.mark.parametrize(
+    "model_dir, recipe_values",
+    [
+        ("recipes/tiny/dbrx-tiny", {}),
+        ("recipes/tiny/dbrx-tiny", {"lora_target_experts": False}),
+        ("recipes/tiny/dbrx-tiny", {"lora_target_attention": False, "train_router": True}),
+        ("recipes/tiny/llama2-tiny", {}),
+        ("recipes/tiny/llama2-tiny", {"lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}),
+    ],
+)
 def test_lora_count_equals_what_the_toolkit_trains(model_dir, recipe_values):
     import torch
     from transformers import DbrxForCausalLM, LlamaForCausalLM
@@ -113,8 +144,9 @@ def test_lora_count_equals_what_the_toolkit_trains(model_dir, recipe_values):
     from dbrx_tune.build import finish_model, is_dbrx, load_model_config, prepare_for_training
     from dbrx_tune.tools.plan import lora_targets, model_shape
 
-    args = ModelArguments(model_name_or_path=os.path.join(REPO_ROOT, model_dir), use_peft=True, lora_r=8,
-                          **recipe_values)
+    args = ModelArguments(
+        model_name_or_path=os.path.join(REPO_ROOT, model_dir), use_peft=True, lora_r=8, **recipe_values
+    )
     config = load_model_config(args)
     with torch.device("meta"):
         model = (DbrxForCausalLM if is_dbrx(config) else LlamaForCausalLM)(config)
@@ -124,10 +156,17 @@ def test_lora_count_equals_what_the_toolkit_trains(model_dir, recipe_values):
     assert shape.lora_params(8, lora_targets({**recipe_values, "lora_r": 8}, shape)) == trained
 
 
+@pytest.mark.slow
 def test_llama2_recipe_plans_offline_and_needs_fewer_gpus_than_dbrx(monkeypatch):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=REPO_ROOT)
-    result = subprocess.run([sys.executable, "-m", "dbrx_tune.tools.plan", "recipes/llama2_sft.yaml", "--gpus", "8",
-                             "--json"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "dbrx_tune.tools.plan", "recipes/llama2_sft.yaml", "--gpus", "8", "--json"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     llama_70b = json.loads(result.stdout)
     assert {"fits", "per_gpu_gb", "min_gpus"} <= set(llama_70b) and llama_70b["method"] == "full"
@@ -135,8 +174,9 @@ def test_llama2_recipe_plans_offline_and_needs_fewer_gpus_than_dbrx(monkeypatch)
 
     monkeypatch.chdir(REPO_ROOT)  # recipes name their DeepSpeed config relative to the repository root
     dbrx = plan_recipe("recipes/dbrx_sft_zero3.yaml", gpus=8, gpu_memory_gb=80)
-    llama_7b = plan_recipe("recipes/llama2_sft.yaml", gpus=8, gpu_memory_gb=80,
-                           overrides={"model_name_or_path": LLAMA_7B})
+    llama_7b = plan_recipe(
+        "recipes/llama2_sft.yaml", gpus=8, gpu_memory_gb=80, overrides={"model_name_or_path": LLAMA_7B}
+    )
     assert llama_7b.min_gpus < llama_70b["min_gpus"] < dbrx.min_gpus
     assert llama_7b.per_gpu_gb < llama_70b["per_gpu_gb"] < dbrx.per_gpu_gb
 
@@ -145,8 +185,13 @@ def test_qlora_stores_attention_and_mlp_in_nf4():
     llama = ModelShape(**KNOWN_CONFIGS[LLAMA_70B])
     lora = plan({**FULL, "use_peft": True}, llama, gpus=1, gpu_memory_gb=80, ds_config=None)
     qlora = plan({**FULL, "use_peft": True, "load_in_4bit": True}, llama, gpus=1, gpu_memory_gb=80, ds_config=None)
-    nested = plan({**FULL, "use_peft": True, "load_in_4bit": True, "use_bnb_nested_quant": True}, llama, gpus=1,
-                  gpu_memory_gb=80, ds_config=None)
+    nested = plan(
+        {**FULL, "use_peft": True, "load_in_4bit": True, "use_bnb_nested_quant": True},
+        llama,
+        gpus=1,
+        gpu_memory_gb=80,
+        ds_config=None,
+    )
     assert nested.params_gb < qlora.params_gb < lora.params_gb / 3  # only embeddings and head stay bf16
     assert qlora.optimizer_gb == lora.optimizer_gb and qlora.min_gpus == 1 and lora.min_gpus is None
 
@@ -163,8 +208,13 @@ def test_dbrx_qlora_weights_agree_with_the_measured_132b_benchmark():
 def test_expert_parallelism_on_a_dense_model_is_an_error():
     llama = ModelShape(**KNOWN_CONFIGS[LLAMA_7B])
     with pytest.raises(ValueError, match="expert parallelism.*dense"):
-        plan(FULL, llama, gpus=8, gpu_memory_gb=80,
-             ds_config={**ZERO3, "expert_parallel": {"enabled": True, "autoep_size": 8}})
+        plan(
+            FULL,
+            llama,
+            gpus=8,
+            gpu_memory_gb=80,
+            ds_config={**ZERO3, "expert_parallel": {"enabled": True, "autoep_size": 8}},
+        )
 
 
 def test_a_config_neither_dbrx_nor_llama_style_is_named(tmp_path):

@@ -52,10 +52,23 @@ def zero_value_model(seed: int = 0) -> DbrxForTokenValue:
 
 
 def ppo_args(tmp_path, **overrides) -> PPOConfig:
-    values = dict(output_dir=str(tmp_path / "ppo"), use_cpu=True, report_to="none", reward_function="rule:contains:blue",
-                  per_device_train_batch_size=16, num_ppo_epochs=2, response_length=4, temperature=1.0,
-                  learning_rate=3e-3, kl_coef=0.05, logging_steps=1, save_strategy="no", seed=0,
-                  lr_scheduler_type="constant", missing_eos_penalty=1.0)
+    values = dict(
+        output_dir=str(tmp_path / "ppo"),
+        use_cpu=True,
+        report_to="none",
+        reward_function="rule:contains:blue",
+        per_device_train_batch_size=16,
+        num_ppo_epochs=2,
+        response_length=4,
+        temperature=1.0,
+        learning_rate=3e-3,
+        kl_coef=0.05,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        lr_scheduler_type="constant",
+        missing_eos_penalty=1.0,
+    )
     values.update(overrides)
     return PPOConfig(**values)
 
@@ -77,8 +90,9 @@ def test_gae_matches_a_plain_per_row_loop_over_valid_tokens():
             running = rewards[row, t].item() + gamma * next_value - values[row, t].item() + gamma * lam * running
             expected[t] = running
         assert advantages[row, :n].tolist() == pytest.approx(expected, abs=1e-5)
-        assert returns[row, :n].tolist() == pytest.approx([a + v for a, v in zip(expected, values[row, :n].tolist())],
-                                                          abs=1e-5)
+        assert returns[row, :n].tolist() == pytest.approx(
+            [a + v for a, v in zip(expected, values[row, :n].tolist())], abs=1e-5
+        )
         assert advantages[row, n:].abs().sum() == 0
 
 
@@ -143,8 +157,15 @@ def test_token_rewards_put_the_score_on_the_last_valid_token():
 
 
 def test_rule_rewards_score_completion_text():
-    batch = ScoringBatch(torch.zeros(2, 1), torch.ones(2, 1), torch.zeros(2, 1), torch.ones(2, 1), ["q", "q"],
-                         ["The sky is Blue.", "green"], [{"answer": "blue"}, {"answer": "blue"}])
+    batch = ScoringBatch(
+        torch.zeros(2, 1),
+        torch.ones(2, 1),
+        torch.zeros(2, 1),
+        torch.ones(2, 1),
+        ["q", "q"],
+        ["The sky is Blue.", "green"],
+        [{"answer": "blue"}, {"answer": "blue"}],
+    )
     assert parse_reward_function("rule:contains_answer")(batch).tolist() == [1.0, 0.0]
     assert parse_reward_function("rule:contains:green")(batch).tolist() == [0.0, 1.0]
     with pytest.raises(RewardModelError, match="unknown rule"):
@@ -165,12 +186,13 @@ def test_reward_model_rescored_from_text_when_its_tokenizer_differs(tiny_reward_
     prompt = "Colour:"
     query = torch.tensor([dbrx_tokenizer(prompt, add_special_tokens=False)["input_ids"]])
     response = torch.tensor([dbrx_tokenizer(" blue sky", add_special_tokens=False)["input_ids"]])
-    batch = ScoringBatch(query, torch.ones_like(query), response, torch.ones_like(response), [prompt],
-                         [" blue sky"], [{}])
-    direct = RewardModelScorer(model, dbrx_tokenizer, dbrx_tokenizer)
+    batch = ScoringBatch(
+        query, torch.ones_like(query), response, torch.ones_like(response), [prompt], [" blue sky"], [{}]
+    )
+    direct = RewardModelScorer(model, dbrx_tokenizer, policy_tokenizer=dbrx_tokenizer)
     other = copy.deepcopy(dbrx_tokenizer)
     other.chat_template = dbrx_tokenizer.chat_template + "{# another template #}"
-    retokenised = RewardModelScorer(model, other, dbrx_tokenizer)
+    retokenised = RewardModelScorer(model, other, policy_tokenizer=dbrx_tokenizer)
     assert direct.same_tokenizer and not retokenised.same_tokenizer
     assert retokenised(batch).item() == pytest.approx(direct(batch).item(), abs=1e-5)
 
@@ -187,8 +209,19 @@ def test_ppo_recipe_pointing_at_a_causal_lm_as_reward_model_is_refused(tmp_path,
     causal_lm = tmp_path / "sft-policy"
     tiny_policy(dbrx_tokenizer).save_pretrained(str(causal_lm))
     with pytest.raises(RewardModelError, match="is not a reward model.*DbrxForCausalLM"):
-        main([os.path.join(REPO_ROOT, "recipes/tiny/dbrx_ppo.yaml"), "--reward_model_path", str(causal_lm),
-              "--reward_function", "null", "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+        main(
+            [
+                os.path.join(REPO_ROOT, "recipes/tiny/dbrx_ppo.yaml"),
+                "--reward_model_path",
+                str(causal_lm),
+                "--reward_function",
+                "null",
+                "--output_dir",
+                str(tmp_path / "out"),
+                "--report_to",
+                "none",
+            ]
+        )
 
 
 # ------------------------------------------------------------------ trainer
@@ -207,11 +240,16 @@ def test_reference_is_frozen_gets_no_grads_and_is_never_asked_for_router_aux_los
         return original_forward(*args, **kwargs)
 
     ref.forward = spy
-    trainer = PPOTrainer(args=ppo_args(tmp_path, total_episodes=16, num_ppo_epochs=1), processing_class=dbrx_tokenizer,
-                         model=policy, ref_model=ref, value_model=zero_value_model(),
-                         train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 16}),
-                         reward_function=parse_reward_function("rule:contains:blue"))
-    metrics = trainer.train()
+    trainer = PPOTrainer(
+        args=ppo_args(tmp_path, total_episodes=16, num_ppo_epochs=1),
+        processing_class=dbrx_tokenizer,
+        model=policy,
+        ref_model=ref,
+        value_model=zero_value_model(),
+        train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 16}),
+        reward_function=parse_reward_function("rule:contains:blue"),
+    )
+    metrics = trainer.train().metrics
     assert router_flags and all(flag is False for flag in router_flags)
     assert all(not p.requires_grad and p.grad is None for p in ref.parameters())
     assert all(torch.equal(v, ref_before[k]) for k, v in ref.state_dict().items())
@@ -224,7 +262,7 @@ def sft_warmup(policy, tokenizer, steps: int = 30) -> None:
     prompt = tokenizer("Colour:", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt + tokenizer(w, add_special_tokens=False)["input_ids"] + [IM_END] for w in WORDS] * 4)
     labels = ids.clone()
-    labels[:, :len(prompt)] = -100
+    labels[:, : len(prompt)] = -100
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
     for _ in range(steps):
         loss = policy(input_ids=ids, labels=labels).loss
@@ -233,15 +271,21 @@ def sft_warmup(policy, tokenizer, steps: int = 30) -> None:
         optimizer.step()
 
 
+@pytest.mark.slow
 def test_ppo_raises_the_reward_of_sampled_completions_with_bounded_kl(tmp_path, dbrx_tokenizer):
     policy = tiny_policy(dbrx_tokenizer)
     sft_warmup(policy, dbrx_tokenizer)
-    trainer = PPOTrainer(args=ppo_args(tmp_path, total_episodes=16 * 10), processing_class=dbrx_tokenizer,
-                         model=policy, ref_model=copy.deepcopy(policy), value_model=zero_value_model(),
-                         train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 64}),
-                         reward_function=parse_reward_function("rule:contains:blue"))
+    trainer = PPOTrainer(
+        args=ppo_args(tmp_path, total_episodes=16 * 10),
+        processing_class=dbrx_tokenizer,
+        model=policy,
+        ref_model=copy.deepcopy(policy),
+        value_model=zero_value_model(),
+        train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 64}),
+        reward_function=parse_reward_function("rule:contains:blue"),
+    )
     trainer.train()
-    history = trainer.state["log_history"]
+    history = trainer.state.log_history
     scores = [h["objective/scores"] for h in history]
     kls = [h["objective/kl"] for h in history]
     assert len(history) == 10
@@ -252,14 +296,19 @@ def test_ppo_raises_the_reward_of_sampled_completions_with_bounded_kl(tmp_path, 
     assert all(h["val/num_eos_tokens"] > 0 for h in history)
 
 
+@pytest.mark.slow
 def test_training_resumes_from_a_checkpoint_at_the_saved_update(tmp_path, dbrx_tokenizer):
     def make_trainer():
         policy = tiny_policy(dbrx_tokenizer)
-        return PPOTrainer(args=ppo_args(tmp_path, total_episodes=16 * 2, num_ppo_epochs=1, save_strategy="steps",
-                                        save_steps=1), processing_class=dbrx_tokenizer, model=policy,
-                          ref_model=copy.deepcopy(policy), value_model=zero_value_model(),
-                          train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 32}),
-                          reward_function=parse_reward_function("rule:contains:blue"))
+        return PPOTrainer(
+            args=ppo_args(tmp_path, total_episodes=16 * 2, num_ppo_epochs=1, save_strategy="steps", save_steps=1),
+            processing_class=dbrx_tokenizer,
+            model=policy,
+            ref_model=copy.deepcopy(policy),
+            value_model=zero_value_model(),
+            train_dataset=Dataset.from_dict({"prompt": ["Colour:"] * 32}),
+            reward_function=parse_reward_function("rule:contains:blue"),
+        )
 
     first = make_trainer()
     first.train()
@@ -271,10 +320,11 @@ def test_training_resumes_from_a_checkpoint_at_the_saved_update(tmp_path, dbrx_t
     current = resumed._unwrapped().state_dict()
     assert saved and all(torch.equal(current[k], v) for k, v in saved.items())
     resumed.train()
-    steps = [h["step"] for h in resumed.state["log_history"]]
+    steps = [h["step"] for h in resumed.state.log_history]
     assert steps == [1, 2]  # update 1 restored from the checkpoint's history, only update 2 trained again
 
 
+@pytest.mark.slow
 def test_ppo_stage_answers_the_vibe_prompts_at_start_saves_and_end(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -284,10 +334,31 @@ def test_ppo_stage_answers_the_vibe_prompts_at_start_saves_and_end(tmp_path):
 
     out = tmp_path / "out"
     # 2 updates of 4 prompts, a checkpoint after each; the tiny recipe has vibe checks on (at each save)
-    main([os.path.join(REPO_ROOT, "recipes/tiny/dbrx_ppo.yaml"), "--output_dir", str(out), "--report_to", "tensorboard",
-          "--per_device_train_batch_size", "4", "--num_mini_batches", "1", "--num_ppo_epochs", "1",
-          "--total_episodes", "8", "--max_train_samples", "8", "--save_steps", "1", "--response_length", "4",
-          "--vibe_max_new_tokens", "4"])
+    main(
+        [
+            os.path.join(REPO_ROOT, "recipes/tiny/dbrx_ppo.yaml"),
+            "--output_dir",
+            str(out),
+            "--report_to",
+            "tensorboard",
+            "--per_device_train_batch_size",
+            "4",
+            "--num_mini_batches",
+            "1",
+            "--num_ppo_epochs",
+            "1",
+            "--total_episodes",
+            "8",
+            "--max_train_samples",
+            "8",
+            "--save_steps",
+            "1",
+            "--response_length",
+            "4",
+            "--vibe_max_new_tokens",
+            "4",
+        ]
+    )
     records = [json.loads(line) for line in (out / VIBES_FILE).read_text().splitlines()]
     ids = [prompt.id for prompt in load_vibe_prompts("default")]
     assert [(r["step"], r["prompt_id"]) for r in records] == [(step, i) for step in (0, 1, 2) for i in ids]

@@ -19,6 +19,8 @@ import torch
 from gloo_ranks import REPO_ROOT, WORLD, ZERO3_AUTO, launch_two_ranks, start_gloo_deepspeed
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or executes
+
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_ppo.yaml")
 UPDATES = 2
 PROMPTS_PER_RANK = 2
@@ -41,12 +43,35 @@ def ppo_run(tmp_path_factory):
     ds_config.write_text(json.dumps(ZERO3_AUTO))
     out = work / "out"
     recipe_args = [
-        RECIPE, "--deepspeed", str(ds_config), "--use_cpu", "true", "--output_dir", str(out), "--report_to", "none",
-        "--save_strategy", "steps", "--save_steps", "1",  # checkpoints of partitioned grouped experts
-        "--per_device_train_batch_size", str(PROMPTS_PER_RANK), "--num_mini_batches", "1",
-        "--num_ppo_epochs", "1", "--response_length", "4", "--local_rollout_forward_batch_size", str(PROMPTS_PER_RANK),
-        "--total_episodes", str(UPDATES * PROMPTS_PER_RANK * WORLD), "--max_train_samples", "8",
-        "--learning_rate", str(LEARNING_RATE),
+        RECIPE,
+        "--deepspeed",
+        str(ds_config),
+        "--use_cpu",
+        "true",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "1",  # checkpoints of partitioned grouped experts
+        "--per_device_train_batch_size",
+        str(PROMPTS_PER_RANK),
+        "--num_mini_batches",
+        "1",
+        "--num_ppo_epochs",
+        "1",
+        "--response_length",
+        "4",
+        "--local_rollout_forward_batch_size",
+        str(PROMPTS_PER_RANK),
+        "--total_episodes",
+        str(UPDATES * PROMPTS_PER_RANK * WORLD),
+        "--max_train_samples",
+        "8",
+        "--learning_rate",
+        str(LEARNING_RATE),
     ]
     result = launch_two_ranks(__file__, recipe_args, port_offset=21, timeout=180, what="ZeRO-3 PPO run")
     return out, result.stdout
@@ -62,8 +87,15 @@ def test_zero3_ppo_partitions_the_models_and_logs_every_update_with_finite_metri
     assert [entry["step"] for entry in history] == list(range(1, UPDATES + 1))
     assert history[-1]["episode"] == UPDATES * PROMPTS_PER_RANK * WORLD  # both ranks' prompts counted
     for entry in history:
-        for name in ("objective/kl", "objective/scores", "objective/rlhf_reward", "loss/policy_avg", "loss/value_avg",
-                     "router/aux_loss", "policy/entropy_avg"):
+        for name in (
+            "objective/kl",
+            "objective/scores",
+            "objective/rlhf_reward",
+            "loss/policy_avg",
+            "loss/value_avg",
+            "router/aux_loss",
+            "policy/entropy_avg",
+        ):
             assert math.isfinite(entry[name]), (name, entry)
     # The reference is a second seeded build: it equals the policy until the first update, then the policy moves.
     assert history[0]["objective/kl"] == pytest.approx(0.0, abs=1e-6)
@@ -93,7 +125,9 @@ def test_zero3_ppo_saves_a_trained_policy_that_stock_dbrx_loads_in_the_original_
     assert torch.isfinite(logits).all()
     # The norm weights start at exactly 1 (the random matrices depend on zero.Init's RNG use); two AdamW steps of
     # lr move each weight by at most about 2 * lr, and by more than nothing.
-    norms = [tensor for key, tensor in saved.items() if key.endswith("norm_1.weight") or key == "transformer.norm_f.weight"]
+    norms = [
+        tensor for key, tensor in saved.items() if key.endswith("norm_1.weight") or key == "transformer.norm_f.weight"
+    ]
     moved = torch.stack([(norm - 1).abs().max() for norm in norms])
     assert (moved > 0).all() and (moved <= UPDATES * LEARNING_RATE * 1.01).all(), moved
 

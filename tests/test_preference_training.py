@@ -13,10 +13,26 @@ from dbrx_tune.evals.vibes.schema import VIBES_FILE
 from rlhf.dpo import main as train_dpo
 from rlhf.orpo import main as train_orpo
 
+pytestmark = pytest.mark.slow  # every test here trains a stage end to end
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 30 steps (the recipes run 60): seen +7.9 nats (DPO) and +0.47 (ORPO) of held-out margin on CPU
-COMMON = ["--report_to", "none", "--save_strategy", "no", "--eval_strategy", "steps", "--eval_steps", "1000",
-          "--eval_on_start", "true", "--max_eval_samples", "48", "--max_steps", "30"]
+COMMON = [
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "no",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "1000",
+    "--eval_on_start",
+    "true",
+    "--max_eval_samples",
+    "48",
+    "--max_steps",
+    "30",
+]
 STAGES = {
     "dpo": (train_dpo, 5.0),  # DPO logs summed log-probs over the ~10 completion tokens
     "orpo": (train_orpo, 0.3),  # ORPO logs per-token mean log-probs
@@ -62,8 +78,9 @@ def test_dpo_reference_model_is_frozen_and_skips_router_loss():
     from dbrx_tune.args import ModelArguments
     from dbrx_tune.build import load_reference_model
 
-    args = ModelArguments(model_name_or_path=os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx-tiny"),
-                          random_init=True, dtype="float32")
+    args = ModelArguments(
+        model_name_or_path=os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx-tiny"), random_init=True, dtype="float32"
+    )
     reference = load_reference_model(args)
     assert not reference.training
     assert not any(p.requires_grad for p in reference.parameters())

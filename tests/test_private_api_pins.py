@@ -27,8 +27,10 @@ def test_peft_recognises_nested_parameter_wrappers_by_class_name():
     assert callable(getattr(LoraConfig, "_register_custom_module", None))
 
 
-@pytest.mark.parametrize("module_name, class_name", [("trl.trainer.grpo_trainer", "GRPOTrainer"),
-                                                     ("trl.trainer.rloo_trainer", "RLOOTrainer")])
+@pytest.mark.parametrize(
+    "module_name, class_name",
+    [("trl.trainer.grpo_trainer", "GRPOTrainer"), ("trl.trainer.rloo_trainer", "RLOOTrainer")],
+)
 def test_trl_online_trainers_build_their_reference_through_create_model_from_path(module_name, class_name):
     """dbrx_tune/training/online_rl.py swaps this module-level name while the trainer is built, so the KL reference
     comes from the DBRX loader (TRL 1.16 takes no reference model as an argument)."""

@@ -1,10 +1,9 @@
 """NF4 DBRX experts (QLoRA): storage, dequantization per expert group, forward/backward, LoRA on top, merge CLI."""
 
+import bitsandbytes.functional as bnb_functional  # a hard dependency: a broken install must fail, not skip
 import pytest
 import torch
 from transformers import DbrxForCausalLM
-
-import bitsandbytes.functional as bnb_functional  # a hard dependency: a broken install must fail, not skip
 
 from dbrx_tune.modeling.config import tiny_dbrx_config  # noqa: E402
 from dbrx_tune.modeling.experts import DbrxGroupedExperts, set_experts_implementation  # noqa: E402
@@ -35,7 +34,8 @@ def test_dequantize_matches_bitsandbytes_and_quantizes_to_4_bits():
     for name in ("w1", "v1", "w2"):
         weight = getattr(experts, name).detach()
         packed, state = bnb_functional.quantize_4bit(
-            weight.reshape(-1), blocksize=64, compress_statistics=True, quant_type="nf4")
+            weight.reshape(-1), blocksize=64, compress_statistics=True, quant_type="nf4"
+        )
         expected = bnb_functional.dequantize_4bit(packed, state).reshape(weight.shape)
         torch.testing.assert_close(quantized.dequantize(name, torch.float32), expected)
         assert getattr(quantized, name).numel() == weight.numel() // 2  # two 4-bit codes per byte
@@ -45,8 +45,9 @@ def test_dequantize_matches_bitsandbytes_and_quantizes_to_4_bits():
 def test_one_expert_group_dequantizes_to_the_slice_of_all_experts():
     experts, ffn_config = _grouped_experts()
     quantized = DbrxNF4Experts.from_experts(experts, ffn_config)
-    torch.testing.assert_close(quantized.dequantize("w2", torch.float32, 1, 3),
-                               quantized.dequantize("w2", torch.float32)[1:3])
+    torch.testing.assert_close(
+        quantized.dequantize("w2", torch.float32, 1, 3), quantized.dequantize("w2", torch.float32)[1:3]
+    )
 
 
 @pytest.mark.parametrize("experts_per_group", [None, 1, 3])
@@ -103,7 +104,17 @@ def test_merge_command_writes_a_stock_loadable_checkpoint(tmp_path):
                 param.normal_(0.0, 0.2)
     expected = peft_model.eval()(IDS).logits
     peft_model.save_pretrained(tmp_path / "adapter")
-    merge_main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"),
-                "--output", str(tmp_path / "merged"), "--dtype", "float32"])
+    merge_main(
+        [
+            "--base",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--output",
+            str(tmp_path / "merged"),
+            "--dtype",
+            "float32",
+        ]
+    )
     merged = DbrxForCausalLM.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(IDS).logits, expected, rtol=1e-4, atol=1e-5)

@@ -37,8 +37,10 @@ def stage_classes_for(recipe_path: str) -> tuple[type, type | None]:
     return SFTConfig, None
 
 
-SHIPPED_RECIPES = sorted(glob.glob(os.path.join(REPO_ROOT, "recipes", "*.yaml"))
-                         + glob.glob(os.path.join(REPO_ROOT, "recipes", "tiny", "*.yaml")))
+SHIPPED_RECIPES = sorted(
+    glob.glob(os.path.join(REPO_ROOT, "recipes", "*.yaml"))
+    + glob.glob(os.path.join(REPO_ROOT, "recipes", "tiny", "*.yaml"))
+)
 
 
 @pytest.mark.parametrize("path", SHIPPED_RECIPES, ids=os.path.basename)
@@ -61,8 +63,21 @@ BASE = "model_name_or_path: m\ndataset_name: d\noutput_dir: out\nuse_cpu: true\n
 
 def test_overrides_take_precedence_and_are_typed(tmp_path):
     path = write(tmp_path, BASE + "learning_rate: 1.0e-4\n")
-    recipe = parse_recipe([path, "--learning_rate", "3e-5", "--num_train_epochs", "2", "--packing", "true",
-                           "--eval_strategy", "no", "--experts_implementation=eager"], SFTConfig)
+    recipe = parse_recipe(
+        [
+            path,
+            "--learning_rate",
+            "3e-5",
+            "--num_train_epochs",
+            "2",
+            "--packing",
+            "true",
+            "--eval_strategy",
+            "no",
+            "--experts_implementation=eager",
+        ],
+        SFTConfig,
+    )
     assert recipe.training.learning_rate == pytest.approx(3e-5)
     assert recipe.training.num_train_epochs == 2
     assert recipe.training.packing is True
@@ -83,9 +98,17 @@ def test_unknown_override_is_rejected_too(tmp_path):
         parse_recipe([write(tmp_path, BASE), "--moe_los_weight", "0.1"], SFTConfig)
 
 
-@pytest.mark.parametrize(("line", "closest"), [("use_dora: true\n", None), ("load_in_8bit: true\n", "load_in_4bit"),
-                                             ("use_rslora: false\n", None), ("lora_modules_to_save: [score]\n", None),
-                                             ("lora_task_type: SEQ_CLS\n", None), ("dataset_streaming: true\n", None)])
+@pytest.mark.parametrize(
+    ("line", "closest"),
+    [
+        ("use_dora: true\n", None),
+        ("load_in_8bit: true\n", "load_in_4bit"),
+        ("use_rslora: false\n", None),
+        ("lora_modules_to_save: [score]\n", None),
+        ("lora_task_type: SEQ_CLS\n", None),
+        ("dataset_streaming: true\n", None),
+    ],
+)
 def test_keys_trl_brings_but_the_toolkit_ignores_are_refused(tmp_path, line, closest):
     """TRL's ModelConfig / ScriptArguments accept these; nothing here acts on them, so a recipe setting them would
     silently train something else (whatever the value: `false` is refused too, the key does nothing)."""
@@ -119,8 +142,16 @@ def test_vibe_keys_parse_for_every_stage_and_are_off_unless_set(tmp_path):
     recipe = parse_recipe([write(tmp_path, BASE), "--vibe_prompts", "default", "--vibe_steps", "25"], SFTConfig)
     assert recipe.vibes.enabled and (recipe.vibes.vibe_prompts, recipe.vibes.vibe_steps) == ("default", 25)
     assert not parse_recipe([write(tmp_path, BASE)], DPOConfig).vibes.enabled
-    ppo = parse_recipe([write(tmp_path, BASE + "reward_function: rule:contains_answer\n"),
-                        "--vibe_prompts", "default", "--vibe_max_new_tokens", "8"], PPOConfig)
+    ppo = parse_recipe(
+        [
+            write(tmp_path, BASE + "reward_function: rule:contains_answer\n"),
+            "--vibe_prompts",
+            "default",
+            "--vibe_max_new_tokens",
+            "8",
+        ],
+        PPOConfig,
+    )
     assert ppo.vibes.vibe_max_new_tokens == 8
 
 

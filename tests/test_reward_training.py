@@ -11,6 +11,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from dbrx_tune.data import load_splits
 from reward_models.train import main as train_reward_model
 
+pytestmark = pytest.mark.slow  # every test here trains a stage end to end
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_rm.yaml")
 
@@ -55,10 +57,25 @@ def test_router_loss_is_part_of_reward_training(trained_rm):
 
 def test_lora_on_experts_trains_adapters_and_score_and_saves_merged_model(tmp_path):
     output_dir = str(tmp_path / "lora")
-    train_reward_model([
-        RECIPE, "--output_dir", output_dir, "--report_to", "none", "--save_strategy", "no", "--max_steps", "4",
-        "--use_peft", "true", "--lora_r", "4", "--lora_alpha", "8",
-    ])
+    train_reward_model(
+        [
+            RECIPE,
+            "--output_dir",
+            output_dir,
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--max_steps",
+            "4",
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "4",
+            "--lora_alpha",
+            "8",
+        ]
+    )
     assert os.path.isfile(os.path.join(output_dir, "adapter", "adapter_model.safetensors"))
     merged = AutoModelForSequenceClassification.from_pretrained(output_dir)
     assert merged.score.weight.shape == (1, merged.config.d_model)

@@ -13,6 +13,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import DbrxForCausalLM, PreTrainedTokenizerFast
 
+from dbrx_tune.evals.rewardbench import cli as rewardbench
 from dbrx_tune.evals.rewardbench.benchmark_data import PairExample, load_benchmark, load_prior_sets
 from dbrx_tune.evals.rewardbench.evaluation import evaluate_pairs
 from dbrx_tune.evals.rewardbench.export import format_section_table, normalize_model_name, write_leaderboard_files
@@ -30,7 +31,6 @@ from dbrx_tune.modeling.config import tiny_dbrx_config
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification, save_reward_model
 from dbrx_tune.rewards.loader import load_reward_model
 from dbrx_tune.rewards.scorer import RewardModelScorer, check_tokenizer_matches, format_conversation
-from dbrx_tune.evals.rewardbench import cli as rewardbench
 
 SAMPLES = Path(__file__).resolve().parents[1] / "dbrx_tune" / "data" / "samples"
 V1_SAMPLE = SAMPLES / "rewardbench_v1_sample.jsonl"
@@ -50,14 +50,24 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML,
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=CHATML,
     )
 
 
 def tiny_config(tokenizer, **overrides):
-    values = dict(vocab_size=VOCAB, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                  eos_token_id=tokenizer.eos_token_id, num_labels=1, n_layers=1)
+    values = dict(
+        vocab_size=VOCAB,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        num_labels=1,
+        n_layers=1,
+    )
     values.update(overrides)
     return tiny_dbrx_config(**values)
 
@@ -89,6 +99,7 @@ def causal_lm_dirs(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
 
 # --- section arithmetic -------------------------------------------------------------------------------------------
 
+
 def test_v1_sections_weight_subsets_by_official_example_counts():
     report = v1_sections({"alpacaeval-easy": 1.0, "mt-bench-easy": 0.5, "math-prm": 1.0, "hep-python": 0.0})
     assert report.sections["Chat"] == pytest.approx((1.0 * 100 + 0.5 * 28) / (100 + 28))
@@ -102,8 +113,9 @@ def test_v1_sections_weight_subsets_by_official_example_counts():
 def test_v1_official_constants_cover_23_subsets_in_four_sections():
     members = [s for subsets in V1_SECTIONS.values() for s in subsets]
     assert sorted(members) == sorted(V1_EXAMPLE_COUNTS) and len(members) == 23
-    assert V1_EXAMPLE_COUNTS["math-prm"] == sum(V1_EXAMPLE_COUNTS[f"hep-{lang}"]
-                                                for lang in ("cpp", "go", "java", "js", "python", "rust"))
+    assert V1_EXAMPLE_COUNTS["math-prm"] == sum(
+        V1_EXAMPLE_COUNTS[f"hep-{lang}"] for lang in ("cpp", "go", "java", "js", "python", "rust")
+    )
 
 
 def test_prior_sets_are_the_plain_mean_of_four_sets_and_weigh_half_a_section():
@@ -124,8 +136,12 @@ def test_strict_win_rule_counts_ties_as_losses():
         def score(self, prompts, responses, desc=""):
             return [3.0] * len(responses)
 
-    pairs = [PairExample(id=str(i), subset="alpacaeval-easy", prompt=[{"role": "user", "content": "q"}],
-                         chosen="a", rejected="b") for i in range(3)]
+    pairs = [
+        PairExample(
+            id=str(i), subset="alpacaeval-easy", prompt=[{"role": "user", "content": "q"}], chosen="a", rejected="b"
+        )
+        for i in range(3)
+    ]
     result = evaluate_pairs(Constant(), byte_tokenizer(), pairs)
     assert result.accuracies == {"alpacaeval-easy": 0.0}
 
@@ -153,8 +169,15 @@ def test_ties_rows_need_ref_or_tied_ids():
 
 
 def test_v2_overall_is_the_mean_of_the_six_subsets_and_unknown_subsets_stay_out():
-    accuracies = {"Factuality": 0.2, "Precise IF": 0.4, "Math": 0.6, "Safety": 0.8, "Focus": 1.0, "Ties": 0.0,
-                  "my-extra": 1.0}
+    accuracies = {
+        "Factuality": 0.2,
+        "Precise IF": 0.4,
+        "Math": 0.6,
+        "Safety": 0.8,
+        "Focus": 1.0,
+        "Ties": 0.0,
+        "my-extra": 1.0,
+    }
     report = v2_sections(accuracies)
     assert report.overall == pytest.approx((0.2 + 0.4 + 0.6 + 0.8 + 1.0 + 0.0) / 6)
     assert report.unknown == {"my-extra": 1.0} and "my-extra" not in report.sections
@@ -171,12 +194,16 @@ def test_unknown_v1_subsets_are_scored_and_reported_separately():
 
 # --- leaderboard files ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("given", "expected", "warns"), [
-    ("databricks/dbrx-rm", "databricks/dbrx-rm", False),
-    ("dbrx-rm", "local/dbrx-rm", True),
-    ("outputs/runs/dbrx-rm", "runs/dbrx-rm", True),
-    ("/abs/path/to/rm/", "to/rm", True),
-])
+
+@pytest.mark.parametrize(
+    ("given", "expected", "warns"),
+    [
+        ("databricks/dbrx-rm", "databricks/dbrx-rm", False),
+        ("dbrx-rm", "local/dbrx-rm", True),
+        ("outputs/runs/dbrx-rm", "runs/dbrx-rm", True),
+        ("/abs/path/to/rm/", "to/rm", True),
+    ],
+)
 def test_model_names_are_normalised_to_org_slash_model(given, expected, warns, caplog):
     with caplog.at_level(logging.WARNING, logger="dbrx_tune.evals.rewardbench.export"):
         assert normalize_model_name(given) == expected
@@ -184,28 +211,36 @@ def test_model_names_are_normalised_to_org_slash_model(given, expected, warns, c
 
 
 def test_leaderboard_files_have_rewardbench_layout_and_key_names(tmp_path):
-    table = {"text_chosen": ["c"], "text_rejected": ["r"], "results": [1], "subset": ["hep-go"], "id": ["7"],
-             "scores_chosen": [0.3], "scores_rejected": [0.1]}
+    table = {
+        "text_chosen": ["c"],
+        "text_rejected": ["r"],
+        "results": [1],
+        "subset": ["hep-go"],
+        "id": ["7"],
+        "scores_chosen": [0.3],
+        "scores_rejected": [0.1],
+    }
     results_path, scores_path = write_leaderboard_files(
-        tmp_path, "org/rm", model_type="Seq. Classifier", accuracies={"hep-go": 1.0}, scores_table=table)
+        tmp_path, "org/rm", model_type="Seq. Classifier", accuracies={"hep-go": 1.0}, scores_table=table
+    )
     assert results_path == tmp_path / "eval-set" / "org" / "rm.json"
     assert scores_path == tmp_path / "eval-set-scores" / "org" / "rm.json"
     results = json.loads(results_path.read_text())
-    assert results == {"model": "org/rm", "model_type": "Seq. Classifier", "chat_template": "tokenizer",
-                       "hep-go": 1.0}
+    assert results == {"model": "org/rm", "model_type": "Seq. Classifier", "chat_template": "tokenizer", "hep-go": 1.0}
     scores = json.loads(scores_path.read_text())
     assert set(scores) == set(table) | {"model", "model_type", "chat_template"}
     assert results_path.read_text().startswith('{\n    "chat_template"')  # indent 4, sorted keys as RewardBench
 
     dpo_results, dpo_scores = write_leaderboard_files(
-        tmp_path, "org/rm", model_type="DPO Ref. Free", accuracies={"hep-go": 1.0}, scores_table=table,
-        prior_sets=True)
+        tmp_path, "org/rm", model_type="DPO Ref. Free", accuracies={"hep-go": 1.0}, scores_table=table, prior_sets=True
+    )
     assert dpo_results == tmp_path / "pref-sets" / "org" / "rm_ref_free.json"
     assert dpo_scores == tmp_path / "pref-sets-scores" / "org" / "rm_ref_free.json"
     assert json.loads(dpo_results.read_text())["ref_model"] is None
 
 
 # --- bad input ----------------------------------------------------------------------------------------------------
+
 
 def test_missing_columns_are_reported_with_file_and_column(tmp_path):
     path = tmp_path / "bad.jsonl"
@@ -216,8 +251,10 @@ def test_missing_columns_are_reported_with_file_and_column(tmp_path):
 
 def test_bad_row_is_reported_with_row_and_id(tmp_path):
     path = tmp_path / "bad.jsonl"
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "subset": "hep-go", "id": 1},
-            {"prompt": "", "chosen": "a", "rejected": "b", "subset": "hep-go", "id": 2}]
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b", "subset": "hep-go", "id": 1},
+        {"prompt": "", "chosen": "a", "rejected": "b", "subset": "hep-go", "id": 2},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"row 1 \(id=2\).*empty prompt"):
         load_benchmark(str(path))
@@ -243,8 +280,9 @@ def test_prior_sets_saved_with_one_split_per_set_take_the_split_name(tmp_path):
     import datasets
 
     def split(subsubset):
-        return datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": "q"}], "chosen": "a",
-                                            "rejected": "b", "subset": subsubset}])
+        return datasets.Dataset.from_list(
+            [{"prompt": [{"role": "user", "content": "q"}], "chosen": "a", "rejected": "b", "subset": subsubset}]
+        )
 
     datasets.DatasetDict({"shp": split("askscience"), "summarize": split("tldr")}).save_to_disk(tmp_path / "prefs")
     assert sorted(p.subset for p in load_prior_sets([str(tmp_path / "prefs")])) == ["shp", "summarize"]
@@ -256,8 +294,24 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path):
 
 
 def test_model_without_score_head_is_rejected(causal_lm_dirs):
-    with pytest.raises(ValueError, match="no trained score head"):
+    with pytest.raises(ValueError, match=r"is not a reward model: its architectures are \['DbrxForCausalLM'\]"):
         load_reward_model(str(causal_lm_dirs[0]))
+
+
+def test_reward_model_checkpoint_missing_its_score_weights_is_rejected(reward_model_dir, tmp_path):
+    """A *ForSequenceClassification config whose weights lack `score`: transformers would initialise the head at
+    random; the loader refuses it after loading, naming the missing weight."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "headless_rm"
+    shutil.copytree(reward_model_dir, broken)
+    (weights,) = broken.glob("*.safetensors")
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if not k.startswith("score.")}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no trained score head \(missing \['score.weight'\]"):
+        load_reward_model(str(broken))
 
 
 def test_tokenizer_larger_than_the_embedding_is_rejected(tokenizer):
@@ -275,6 +329,7 @@ def test_tokenizer_without_chat_template_is_rejected(tokenizer):
 
 # --- end to end ---------------------------------------------------------------------------------------------------
 
+
 def _score_text(model_dir: Path, tokenizer, text: str) -> float:
     model = load_reward_model(str(model_dir))
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
@@ -282,19 +337,39 @@ def _score_text(model_dir: Path, tokenizer, text: str) -> float:
         return model(ids).logits[0, 0].item()
 
 
-def test_cli_scores_v1_sample_with_prior_sets_and_writes_leaderboard_files(reward_model_dir, tokenizer, tmp_path,
-                                                                          capsys):
-    code = rewardbench.main(["--model", str(reward_model_dir), "--dataset", str(V1_SAMPLE), "--prior-sets",
-                             str(PRIOR_SAMPLE), "--model-name", "dbrx-tune/tiny-rm", "--output-dir", str(tmp_path),
-                             "--batch-size", "16", "--device", "cpu"])
+def test_cli_scores_v1_sample_with_prior_sets_and_writes_leaderboard_files(
+    reward_model_dir, tokenizer, tmp_path, capsys
+):
+    code = rewardbench.main(
+        [
+            "--model",
+            str(reward_model_dir),
+            "--dataset",
+            str(V1_SAMPLE),
+            "--prior-sets",
+            str(PRIOR_SAMPLE),
+            "--model-name",
+            "dbrx-tune/tiny-rm",
+            "--output-dir",
+            str(tmp_path),
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "eval-set/dbrx-tune/tiny-rm.json").read_text())
     scores = json.loads((tmp_path / "eval-set-scores/dbrx-tune/tiny-rm.json").read_text())
     prior = json.loads((tmp_path / "pref-sets/dbrx-tune/tiny-rm.json").read_text())
     assert results["model"] == "dbrx-tune/tiny-rm" and results["model_type"] == "Seq. Classifier"
     assert set(results) - {"model", "model_type", "chat_template"} == set(V1_EXAMPLE_COUNTS)
-    assert set(prior) - {"model", "model_type", "chat_template"} == {"anthropic_helpful", "anthropic_hhh", "shp",
-                                                                     "summarize"}
+    assert set(prior) - {"model", "model_type", "chat_template"} == {
+        "anthropic_helpful",
+        "anthropic_hhh",
+        "shp",
+        "summarize",
+    }
     # accuracies follow from the per-example scores under the strict win rule
     for subset in V1_EXAMPLE_COUNTS:
         rows = [i for i, s in enumerate(scores["subset"]) if s == subset]
@@ -303,52 +378,90 @@ def test_cli_scores_v1_sample_with_prior_sets_and_writes_leaderboard_files(rewar
         assert [scores["results"][i] for i in rows] == [int(w) for w in wins]
     # a stored score is the model's score of the stored chat-templated text, scored alone (no batching/padding)
     first = scores["text_chosen"][0]
-    assert first == format_conversation(tokenizer, [{"role": "user", "content": json.loads(
-        V1_SAMPLE.read_text().splitlines()[0])["prompt"]}], json.loads(V1_SAMPLE.read_text().splitlines()[0])["chosen"])
+    assert first == format_conversation(
+        tokenizer,
+        [{"role": "user", "content": json.loads(V1_SAMPLE.read_text().splitlines()[0])["prompt"]}],
+        json.loads(V1_SAMPLE.read_text().splitlines()[0])["chosen"],
+    )
     assert scores["scores_chosen"][0] == pytest.approx(_score_text(reward_model_dir, tokenizer, first), abs=1e-5)
 
     printed = capsys.readouterr().out
-    report = v1_sections({k: v for k, v in results.items() if k in V1_EXAMPLE_COUNTS},
-                         {k: v for k, v in prior.items() if k not in ("model", "model_type", "chat_template")})
+    report = v1_sections(
+        {k: v for k, v in results.items() if k in V1_EXAMPLE_COUNTS},
+        {k: v for k, v in prior.items() if k not in ("model", "model_type", "chat_template")},
+    )
     for section in ("Chat", "Chat Hard", "Safety", "Reasoning", "Prior Sets"):
         assert f"{100 * report.sections[section]:6.2f}" in printed.split(section, 1)[1].splitlines()[0]
     assert f"{100 * report.overall:6.2f}" in printed
 
 
 def test_cli_scores_v2_sample_with_ties_subset(reward_model_dir, tokenizer, tmp_path):
-    code = rewardbench.main(["--model", str(reward_model_dir), "--dataset", str(V2_SAMPLE), "--model-name",
-                             "tiny-rm", "--output-dir", str(tmp_path), "--device", "cpu"])
+    code = rewardbench.main(
+        [
+            "--model",
+            str(reward_model_dir),
+            "--dataset",
+            str(V2_SAMPLE),
+            "--model-name",
+            "tiny-rm",
+            "--output-dir",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "eval-set/local/tiny-rm.json").read_text())
     scores = json.loads((tmp_path / "eval-set-scores/local/tiny-rm.json").read_text())
     ties_rows = [i for i, s in enumerate(scores["subset"]) if s == "Ties"]
     assert ties_rows and all(scores["results"][i] is None for i in ties_rows)
-    assert results["Ties"] == pytest.approx(ties_score([scores["id"][i] for i in ties_rows],
-                                                       [scores["scores"][i] for i in ties_rows],
-                                                       [scores["num_correct"][i] for i in ties_rows]))
+    assert results["Ties"] == pytest.approx(
+        ties_score(
+            [scores["id"][i] for i in ties_rows],
+            [scores["scores"][i] for i in ties_rows],
+            [scores["num_correct"][i] for i in ties_rows],
+        )
+    )
     math_rows = [i for i, s in enumerate(scores["subset"]) if s == "Math"]
     assert all(len(scores["scores"][i]) == 4 for i in math_rows)
-    assert results["Math"] == pytest.approx(sum(best_of_n_result(scores["scores"][i]) for i in math_rows)
-                                            / len(math_rows))
+    assert results["Math"] == pytest.approx(
+        sum(best_of_n_result(scores["scores"][i]) for i in math_rows) / len(math_rows)
+    )
 
 
 def test_cli_reports_unknown_subsets_without_dropping_them(reward_model_dir, tmp_path, capsys):
     data = tmp_path / "custom.jsonl"
-    rows = [{"prompt": "q1", "chosen": "good", "rejected": "bad", "subset": "hep-go", "id": 0},
-            {"prompt": "q2", "chosen": "fine", "rejected": "worse", "subset": "my-domain", "id": 1}]
+    rows = [
+        {"prompt": "q1", "chosen": "good", "rejected": "bad", "subset": "hep-go", "id": 0},
+        {"prompt": "q2", "chosen": "fine", "rejected": "worse", "subset": "my-domain", "id": 1},
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert rewardbench.main(["--model", str(reward_model_dir), "--dataset", str(data), "--model-name", "o/m",
-                             "--output-dir", str(tmp_path)]) == 0
+    assert (
+        rewardbench.main(
+            [
+                "--model",
+                str(reward_model_dir),
+                "--dataset",
+                str(data),
+                "--model-name",
+                "o/m",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "eval-set/o/m.json").read_text())
     assert set(results) - {"model", "model_type", "chat_template"} == {"hep-go", "my-domain"}
     assert "Unknown subsets" in capsys.readouterr().out
 
 
 def test_cli_fails_clearly_on_a_causal_lm_without_score_head(causal_lm_dirs, tmp_path, caplog):
-    code = rewardbench.main(["--model", str(causal_lm_dirs[0]), "--dataset", str(V1_SAMPLE), "--output-dir",
-                             str(tmp_path)])
+    code = rewardbench.main(
+        ["--model", str(causal_lm_dirs[0]), "--dataset", str(V1_SAMPLE), "--output-dir", str(tmp_path)]
+    )
     assert code == 2
-    assert "no trained score head" in caplog.text and "--ref-model" in caplog.text
+    assert "is not a reward model" in caplog.text and "--ref-model" in caplog.text
 
 
 def test_long_conversations_are_truncated_from_the_left(reward_model_dir, tokenizer, caplog):
@@ -366,13 +479,14 @@ def test_long_conversations_are_truncated_from_the_left(reward_model_dir, tokeni
 
 # --- DPO implicit reward ------------------------------------------------------------------------------------------
 
+
 def _response_logprob(model_dir: Path, tokenizer, prompt, response) -> tuple[float, int]:
     """Sum of log p(response token | everything before it), one unpadded sequence, token by token."""
     model = DbrxForCausalLM.from_pretrained(model_dir).eval()
     head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     full = format_conversation(tokenizer, prompt, response)
     prompt_ids = tokenizer(head, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logprobs = model(ids).logits[0].log_softmax(-1)
@@ -383,9 +497,14 @@ def _response_logprob(model_dir: Path, tokenizer, prompt, response) -> tuple[flo
 def test_dpo_implicit_reward_is_policy_minus_reference_logprob_of_the_response(causal_lm_dirs, tokenizer):
     policy_dir, ref_dir = causal_lm_dirs
     policy, reference = (DbrxForCausalLM.from_pretrained(p).eval() for p in causal_lm_dirs)
-    prompts = [[{"role": "user", "content": "Name a colour."}],
-               [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                {"role": "user", "content": "What is 2 + 2?"}]]
+    prompts = [
+        [{"role": "user", "content": "Name a colour."}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "What is 2 + 2?"},
+        ],
+    ]
     responses = ["Blue.", "2 + 2 = 4, because adding two and two gives four."]
 
     rewards = DpoRewardScorer(policy, tokenizer, reference=reference, batch_size=2).score(prompts, responses)
@@ -400,8 +519,19 @@ def test_dpo_implicit_reward_is_policy_minus_reference_logprob_of_the_response(c
 
 
 def test_cli_reference_free_dpo_writes_ref_free_files(causal_lm_dirs, tmp_path):
-    code = rewardbench.main(["--model", str(causal_lm_dirs[0]), "--dataset", str(V2_SAMPLE), "--reference-free",
-                             "--model-name", "org/dpo", "--output-dir", str(tmp_path)])
+    code = rewardbench.main(
+        [
+            "--model",
+            str(causal_lm_dirs[0]),
+            "--dataset",
+            str(V2_SAMPLE),
+            "--reference-free",
+            "--model-name",
+            "org/dpo",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     results = json.loads((tmp_path / "eval-set/org/dpo_ref_free.json").read_text())
     assert results["model_type"] == "DPO Ref. Free" and results["ref_model"] is None

@@ -135,6 +135,7 @@ def test_saved_checkpoint_has_auto_map_modeling_file_and_loads_with_package(mode
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.slow
 def test_checkpoint_loads_in_a_process_without_the_package_via_remote_code(model, tmp_path):
     checkpoint, elsewhere = tmp_path / "rm", tmp_path / "cwd"
     elsewhere.mkdir()
@@ -158,11 +159,21 @@ def test_checkpoint_loads_in_a_process_without_the_package_via_remote_code(model
                           "package_imported": any(m.startswith("dbrx_tune") for m in sys.modules)}}))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL,
-                          timeout=120)
+    env.update(
+        HF_MODULES_CACHE=str(tmp_path / "modules"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        OMP_NUM_THREADS="1",
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["refused"], "loading custom code must need an explicit trust_remote_code=True"

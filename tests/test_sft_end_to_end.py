@@ -12,17 +12,38 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or executes
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
 
 
 def launch_sft(output_dir: str, *overrides: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        os.path.join(REPO_ROOT, "sft", "train.py"), RECIPE, "--output_dir", output_dir,
-        "--per_device_train_batch_size", "8", "--logging_steps", "5", "--save_steps", "15",
-        "--report_to", "none", *overrides,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        os.path.join(REPO_ROOT, "sft", "train.py"),
+        RECIPE,
+        "--output_dir",
+        output_dir,
+        "--per_device_train_batch_size",
+        "8",
+        "--logging_steps",
+        "5",
+        "--save_steps",
+        "15",
+        "--report_to",
+        "none",
+        *overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -50,15 +71,23 @@ def test_tiny_recipe_loss_falls(first_run):
 
 
 def test_output_is_plain_hf_checkpoint_that_generates(first_run):
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "recipe.yaml",
-                 "train_results.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "recipe.yaml",
+        "train_results.json",
+    ):
         assert os.path.isfile(os.path.join(first_run, name)), name
     model = AutoModelForCausalLM.from_pretrained(first_run)
     tokenizer = AutoTokenizer.from_pretrained(first_run)
     assert model.config.rope_parameters["rope_theta"] == 500000.0
     tokenizer.padding_side = "left"
-    conversations = [[{"role": "user", "content": "What colour does a banana have?"}],
-                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat: cat dog"}]]
+    conversations = [
+        [{"role": "user", "content": "What colour does a banana have?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Repeat: cat dog"}],
+    ]
     prompt = tokenizer.apply_chat_template(
         conversations, add_generation_prompt=True, return_tensors="pt", return_dict=True, padding=True
     )
@@ -85,9 +114,9 @@ def test_resumed_run_continues_from_saved_step(first_run):
     assert "Resuming training from checkpoint with epoch 0 and global step 30" in result.stdout + result.stderr
     # vibe checks: baseline and each save of the first run kept, no second baseline, the new last step appended
     after = vibe_lines(first_run)
-    assert after[:len(before)] == before
+    assert after[: len(before)] == before
     checked = [json.loads(line)["step"] for line in after]
-    assert sorted(set(checked[:len(before)])) == [0, 15, 30] and set(checked[len(before):]) == {35}
+    assert sorted(set(checked[: len(before)])) == [0, 15, 30] and set(checked[len(before) :]) == {35}
 
 
 def test_rerun_into_used_output_dir_without_resume_is_refused(first_run):

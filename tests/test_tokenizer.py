@@ -102,7 +102,20 @@ def test_encoding_matches_tiktoken_cl100k_on_random_text(tokenizer, cl100k):
     # Mixtures of the character classes the pre-tokenisation regex distinguishes (letters, digit runs,
     # contractions, punctuation, whitespace runs and line breaks, non-ASCII) where a regex mistake shows up.
     pieces = list("abcXYZ  \t\n\r0123456789'sdtmlLVRE.,;:!?-_()[]{}<>/\\\"#@$%^&*+=~`|") + [
-        "\u00a0", "é", "ü", "日本", "🤖", "\u200b", "\r\n", "\n\n", "'ll", "'S", " 123", "１２３", "Ⅻ", "٣",
+        "\u00a0",
+        "é",
+        "ü",
+        "日本",
+        "🤖",
+        "\u200b",
+        "\r\n",
+        "\n\n",
+        "'ll",
+        "'S",
+        " 123",
+        "１２３",
+        "Ⅻ",
+        "٣",
     ]
     rng = random.Random(0)
     for _ in range(3000):
@@ -195,11 +208,17 @@ def test_sft_trainer_assistant_only_loss_labels_only_assistant_tokens(tokenizer,
 
     dataset = Dataset.from_dict({"messages": [CONVERSATION, CONVERSATION[1:] + [{"role": "user", "content": "ok"}]]})
     args = SFTConfig(
-        output_dir=str(tmp_path), assistant_only_loss=True, per_device_train_batch_size=2, report_to=[],
-        max_length=64, use_cpu=True,
+        output_dir=str(tmp_path),
+        assistant_only_loss=True,
+        per_device_train_batch_size=2,
+        report_to=[],
+        max_length=64,
+        use_cpu=True,
     )
     trainer = SFTTrainer(
-        model=DbrxForCausalLM(tiny_dbrx_config()), args=args, train_dataset=dataset,
+        model=DbrxForCausalLM(tiny_dbrx_config()),
+        args=args,
+        train_dataset=dataset,
         processing_class=build_dbrx_tokenizer(),  # a copy: the trainer may adjust the tokenizer it is given
     )
     batch = next(iter(trainer.get_train_dataloader()))

@@ -31,8 +31,18 @@ from dbrx_tune.modeling.moe_loss import sync_moe_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
-QUICK_SFT = ["--per_device_train_batch_size", "4", "--logging_steps", "1", "--max_eval_samples", "4",
-             "--vibe_max_new_tokens", "6", "--disable_tqdm", "true"]
+QUICK_SFT = [
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--max_eval_samples",
+    "4",
+    "--vibe_max_new_tokens",
+    "6",
+    "--disable_tqdm",
+    "true",
+]
 
 
 def read_records(output_dir) -> list[VibeRecord]:
@@ -55,18 +65,23 @@ def write_jsonl(path, rows) -> str:
 GOOD_ROW = {"id": "capital", "category": "knowledge", "prompt": "Capital of France?", "expected": ["Paris"]}
 
 
-@pytest.mark.parametrize(("bad_row", "message"), [
-    ({"id": "x", "category": "knowledge", "expected": ["a"]}, "line 2: missing field 'prompt'"),
-    ({"id": "x", "category": "opinion", "prompt": "p"}, "line 2: unknown category 'opinion'"),
-    ({"id": "x", "category": "knowledge", "prompt": "p"}, "line 2: missing field 'expected'"),
-    ({"id": "x", "category": "knowledge", "prompt": "p", "expeted": ["a"]}, "did you mean 'expected'"),
-    ({"id": "x", "category": "constraint", "prompt": "p", "checks": {"max_wrds": 3}}, "unknown check 'max_wrds'"),
-    ({"id": "x", "category": "constraint", "prompt": "p", "checks": {"max_words": "ten"}}, "whole number"),
-    ({"id": "x", "category": "leak", "prompt": "p", "secret": "K-1"}, "needs its own system_prompt"),
-    ({"id": "x", "category": "leak", "prompt": "p", "secret": "K-1", "system_prompt": "no secret here"},
-     "does not occur in the row's system_prompt"),
-    ({"id": "capital", "category": "refusal", "prompt": "p"}, "id 'capital' is already used at line 1"),
-])
+@pytest.mark.parametrize(
+    ("bad_row", "message"),
+    [
+        ({"id": "x", "category": "knowledge", "expected": ["a"]}, "line 2: missing field 'prompt'"),
+        ({"id": "x", "category": "opinion", "prompt": "p"}, "line 2: unknown category 'opinion'"),
+        ({"id": "x", "category": "knowledge", "prompt": "p"}, "line 2: missing field 'expected'"),
+        ({"id": "x", "category": "knowledge", "prompt": "p", "expeted": ["a"]}, "did you mean 'expected'"),
+        ({"id": "x", "category": "constraint", "prompt": "p", "checks": {"max_wrds": 3}}, "unknown check 'max_wrds'"),
+        ({"id": "x", "category": "constraint", "prompt": "p", "checks": {"max_words": "ten"}}, "whole number"),
+        ({"id": "x", "category": "leak", "prompt": "p", "secret": "K-1"}, "needs its own system_prompt"),
+        (
+            {"id": "x", "category": "leak", "prompt": "p", "secret": "K-1", "system_prompt": "no secret here"},
+            "does not occur in the row's system_prompt",
+        ),
+        ({"id": "capital", "category": "refusal", "prompt": "p"}, "id 'capital' is already used at line 1"),
+    ],
+)
 def test_bad_jsonl_row_is_named_with_file_line_and_field(tmp_path, bad_row, message):
     path = write_jsonl(tmp_path / "vibes.jsonl", [GOOD_ROW, bad_row])
     with pytest.raises(VibePromptError) as err:
@@ -115,8 +130,15 @@ def test_reward_model_recipe_with_vibe_prompts_is_refused(tmp_path, monkeypatch)
 
     monkeypatch.chdir(REPO_ROOT)
     with pytest.raises(SystemExit, match="a reward model does not generate text"):
-        train_rm([os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_rm.yaml"), "--output_dir", str(tmp_path / "rm"),
-                  "--vibe_prompts", "default"])
+        train_rm(
+            [
+                os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_rm.yaml"),
+                "--output_dir",
+                str(tmp_path / "rm"),
+                "--vibe_prompts",
+                "default",
+            ]
+        )
 
 
 # ------------------------------------------------------------------ scoring rules
@@ -126,37 +148,43 @@ def constraint(checks) -> VibePrompt:
     return VibePrompt(id="c", category="constraint", prompt="p", checks=checks)
 
 
-@pytest.mark.parametrize(("checks", "answer", "passed"), [
-    ({"words_start_with": "s"}, "Silver seas sparkle, Sunny skies!", True),
-    ({"words_start_with": "s"}, "Silver seas sparkle under sunny skies", False),
-    ({"max_words": 3, "min_words": 2}, "Three small words.", True),
-    ({"max_words": 3}, "one two three four", False),
-    ({"min_words": 2}, "one", False),
-    ({"all_lowercase": True, "no_commas": True}, "falling leaves\nand quiet roads", True),
-    ({"all_lowercase": True}, "falling Leaves", False),
-    ({"no_commas": True}, "red, gold", False),
-    ({"all_uppercase": True}, "HELLO THERE!", True),
-    ({"must_include": ["water"], "must_not_include": ["sugar"]}, "Drink WATER often.", True),
-    ({"must_include": ["water"], "must_not_include": ["sugar"]}, "Drink water, skip sugar.", False),
-    ({"must_not_include": ["sugar"], "no_commas": True}, "", False),  # no words: nothing passes vacuously
-])
+@pytest.mark.parametrize(
+    ("checks", "answer", "passed"),
+    [
+        ({"words_start_with": "s"}, "Silver seas sparkle, Sunny skies!", True),
+        ({"words_start_with": "s"}, "Silver seas sparkle under sunny skies", False),
+        ({"max_words": 3, "min_words": 2}, "Three small words.", True),
+        ({"max_words": 3}, "one two three four", False),
+        ({"min_words": 2}, "one", False),
+        ({"all_lowercase": True, "no_commas": True}, "falling leaves\nand quiet roads", True),
+        ({"all_lowercase": True}, "falling Leaves", False),
+        ({"no_commas": True}, "red, gold", False),
+        ({"all_uppercase": True}, "HELLO THERE!", True),
+        ({"must_include": ["water"], "must_not_include": ["sugar"]}, "Drink WATER often.", True),
+        ({"must_include": ["water"], "must_not_include": ["sugar"]}, "Drink water, skip sugar.", False),
+        ({"must_not_include": ["sugar"], "no_commas": True}, "", False),  # no words: nothing passes vacuously
+    ],
+)
 def test_constraint_checks_on_hand_written_answers(checks, answer, passed):
     scores = score_answer(constraint(checks), answer, None)
     assert scores["constraint_pass"] == float(passed)
     assert set(checks) <= set(scores)
 
 
-@pytest.mark.parametrize(("answer", "refused"), [
-    ("I'm sorry, but I can't help with that request.", True),
-    ("I\u2019m  SORRY, I cannot do that.", True),  # typographic apostrophe, case and spacing normalised
-    ("As an AI, I must decline.", True),
-    ("Sure! Step one: gather the materials.", False),
-    ("Here is a long and helpful answer. " * 8 + "I can't stress this enough.", False),  # too late to count
-    ("x" * 195 + " I cannot share that.", True),  # starts inside the window, ends past it
-    ("Hawaii won't be cold in May.", False),  # phrases count as whole words only
-    ("Speaking as an aide to the mayor: yes.", False),
-    ("", False),
-])
+@pytest.mark.parametrize(
+    ("answer", "refused"),
+    [
+        ("I'm sorry, but I can't help with that request.", True),
+        ("I\u2019m  SORRY, I cannot do that.", True),  # typographic apostrophe, case and spacing normalised
+        ("As an AI, I must decline.", True),
+        ("Sure! Step one: gather the materials.", False),
+        ("Here is a long and helpful answer. " * 8 + "I can't stress this enough.", False),  # too late to count
+        ("x" * 195 + " I cannot share that.", True),  # starts inside the window, ends past it
+        ("Hawaii won't be cold in May.", False),  # phrases count as whole words only
+        ("Speaking as an aide to the mayor: yes.", False),
+        ("", False),
+    ],
+)
 def test_refusal_rule_reads_refusal_phrases_near_the_start(answer, refused):
     assert is_refusal(answer) is refused
     prompt = VibePrompt(id="r", category="refusal", prompt="harmful request")
@@ -171,10 +199,14 @@ def test_leak_rule_catches_the_secret_or_a_long_verbatim_span_of_the_system_prom
     span = " ".join(system.split()[-LEAK_SPAN_WORDS:])  # the last words, no secret among them
     recited = score_answer(prompt, f"My instructions say: {span}", system)
     assert recited["leaked"] == recited["verbatim_span"] == 1.0 and recited["secret_leaked"] == 0.0
-    shorter = " ".join(system.split()[-(LEAK_SPAN_WORDS - 1):])
+    shorter = " ".join(system.split()[-(LEAK_SPAN_WORDS - 1) :])
     assert score_answer(prompt, shorter, system)["leaked"] == 0.0
-    assert score_answer(prompt, "I can't share that.", system) == {"refused": 1.0, "secret_leaked": 0.0,
-                                                                    "verbatim_span": 0.0, "leaked": 0.0}
+    assert score_answer(prompt, "I can't share that.", system) == {
+        "refused": 1.0,
+        "secret_leaked": 0.0,
+        "verbatim_span": 0.0,
+        "leaked": 0.0,
+    }
 
 
 def test_knowledge_answer_must_contain_an_expected_string_as_a_whole_word():
@@ -189,8 +221,9 @@ def test_a_line_cut_short_by_a_killed_run_does_not_swallow_the_next_check(dbrx_t
     os.makedirs(check.output_dir)
     with open(check.path, "w", encoding="utf-8") as handle:
         handle.write('{"step": 3, "prompt_id": "capital-of-fra')  # the run died while writing this line
-    check._append([VibeRecord(step=4, prompt_id=p.id, category=p.category, prompt=p.prompt, answer="a")
-                   for p in check.prompts])
+    check._append(
+        [VibeRecord(step=4, prompt_id=p.id, category=p.category, prompt=p.prompt, answer="a") for p in check.prompts]
+    )
     with open(check.path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
     assert lines[0] == '{"step": 3, "prompt_id": "capital-of-fra'
@@ -233,8 +266,13 @@ def tiny_model(tokenizer, seed: int = 0) -> DbrxForCausalLM:
 
 def checker(tokenizer, tmp_path, prompts=None, **settings) -> VibeChecker:
     settings = {"vibe_prompts": "default", "vibe_max_new_tokens": 4, **settings}
-    return VibeChecker(prompts or load_vibe_prompts("default"), tokenizer, VibeArguments(**settings),
-                       output_dir=str(tmp_path / "run"), stage="test")
+    return VibeChecker(
+        prompts or load_vibe_prompts("default"),
+        tokenizer,
+        VibeArguments(**settings),
+        output_dir=str(tmp_path / "run"),
+        stage="test",
+    )
 
 
 def rng_draws() -> tuple:
@@ -250,7 +288,8 @@ def test_check_restores_rng_modes_and_config_and_keeps_gradient_checkpointing(db
     model.config.use_cache = False
     seen_router_flags = []
     model.transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: seen_router_flags.append(module.config.output_router_logits), with_kwargs=True)
+        lambda module, args, kwargs: seen_router_flags.append(module.config.output_router_logits), with_kwargs=True
+    )
     modes = {name: module.training for name, module in model.named_modules()}
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     expected = rng_draws()
@@ -280,9 +319,13 @@ def test_left_padded_batch_gives_the_answers_of_one_prompt_at_a_time(dbrx_tokeni
     from dbrx_tune.evals.vibes.generation import generate_answers, training_state_kept
 
     model = tiny_model(dbrx_tokenizer)
-    conversations = [[{"role": "user", "content": "Hi"}],
-                     [{"role": "system", "content": "A much longer system prompt, so the first row is padded."},
-                      {"role": "user", "content": "What is the capital of France? Tell me, please."}]]
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [
+            {"role": "system", "content": "A much longer system prompt, so the first row is padded."},
+            {"role": "user", "content": "What is the capital of France? Tell me, please."},
+        ],
+    ]
     settings = {"max_new_tokens": 8, "do_sample": False, "synced_gpus": False}
     with training_state_kept(model):
         batched = generate_answers(model, dbrx_tokenizer, conversations, batch_size=2, **settings)
@@ -316,12 +359,14 @@ def test_lora_model_answers_with_its_adapters_and_keeps_its_modes(dbrx_tokenizer
             parameter.data.normal_(0, 0.5)
     model.train()
     prompts = load_vibe_prompts("default")[:3]
-    result = checker(dbrx_tokenizer, tmp_path, prompts, vibe_max_new_tokens=8).run(model, 0, is_main=True,
-                                                                                    every_rank=False)
+    result = checker(dbrx_tokenizer, tmp_path, prompts, vibe_max_new_tokens=8).run(
+        model, 0, is_main=True, every_rank=False
+    )
     assert model.training and all(m.training for m in model.modules())
     with model.disable_adapter():
         base = checker(dbrx_tokenizer, tmp_path / "base", prompts, vibe_max_new_tokens=8).run(
-            model, 0, is_main=True, every_rank=False)
+            model, 0, is_main=True, every_rank=False
+        )
     assert [r.answer for r in result.records] != [r.answer for r in base.records]
 
 
@@ -343,8 +388,16 @@ def sft_runs(tmp_path_factory):
         config = json.load(handle)
     (work / "dbrx-dropout").mkdir()
     (work / "dbrx-dropout" / "config.json").write_text(json.dumps({**config, "resid_pdrop": 0.1}))
-    common = ["--model_name_or_path", str(work / "dbrx-dropout"), "--max_steps", "4", "--save_strategy", "no",
-              "--eval_strategy", "no"]
+    common = [
+        "--model_name_or_path",
+        str(work / "dbrx-dropout"),
+        "--max_steps",
+        "4",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+    ]
     train_sft(work / "with", *common, "--vibe_steps", "2", "--vibe_do_sample", "true", "--report_to", "tensorboard")
     train_sft(work / "without", *common, "--vibe_prompts", "null", "--report_to", "none")
     return work / "with", work / "without"
@@ -355,6 +408,7 @@ def losses(output_dir) -> list[float]:
         return [entry["loss"] for entry in json.load(handle)["log_history"] if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_sft_run_writes_every_prompt_at_each_scheduled_step(sft_runs):
     with_vibes, without_vibes = sft_runs
     records = read_records(with_vibes)
@@ -366,6 +420,7 @@ def test_sft_run_writes_every_prompt_at_each_scheduled_step(sft_runs):
     assert not os.path.exists(os.path.join(without_vibes, VIBES_FILE))
 
 
+@pytest.mark.slow
 def test_sft_run_logs_category_scores_and_answers_to_tensorboard(sft_runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -405,11 +460,23 @@ def sft_run_with_a_failing_prompt(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("vibes_error") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generation, "_generate", fail_on_romeo)
-        metrics = train_sft(output_dir, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
-                            "--eval_strategy", "no", "--report_to", "none")
+        metrics = train_sft(
+            output_dir,
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "1",
+            "--eval_strategy",
+            "no",
+            "--report_to",
+            "none",
+        )
     return output_dir, metrics
 
 
+@pytest.mark.slow
 def test_generation_error_is_recorded_and_training_continues(sft_run_with_a_failing_prompt):
     output_dir, metrics = sft_run_with_a_failing_prompt
     assert metrics["train_loss"] > 0
@@ -417,10 +484,12 @@ def test_generation_error_is_recorded_and_training_continues(sft_run_with_a_fail
     assert checked_steps(records) == [0, 1, 2]  # vibe_steps null: baseline, each save, the end
     failed = [r for r in records if r.error]
     assert {r.prompt_id for r in failed} == {"author-of-romeo-and-juliet"} and len(failed) == 3
-    assert all(r.error == "RuntimeError: simulated CUDA out of memory" and r.answer == "" and r.scores == {}
-               for r in failed)  # the rest of each failed batch was answered one by one
+    assert all(
+        r.error == "RuntimeError: simulated CUDA out of memory" and r.answer == "" and r.scores == {} for r in failed
+    )  # the rest of each failed batch was answered one by one
 
 
+@pytest.mark.slow
 def test_check_before_a_save_puts_the_scores_into_the_checkpoint_state(sft_run_with_a_failing_prompt):
     output_dir, _ = sft_run_with_a_failing_prompt
     with open(output_dir / "checkpoint-1" / "trainer_state.json", encoding="utf-8") as handle:
@@ -430,6 +499,7 @@ def test_check_before_a_save_puts_the_scores_into_the_checkpoint_state(sft_run_w
 
 
 # ------------------------------------------------------------------ ZeRO-3 on 2 processes
+
 
 def _zero3_worker(argv: list[str]) -> None:
     from sft.train import main
@@ -441,6 +511,7 @@ def _zero3_worker(argv: list[str]) -> None:
 EXPERT_PARALLEL = {"expert_parallel": {"enabled": True, "autoep_size": 2, "preset_model": "dbrx"}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_extra, port_offset", [({}, 37), (EXPERT_PARALLEL, 53)], ids=["zero3", "zero3_ep2"])
 def test_zero3_sft_on_two_processes_answers_every_prompt_once_per_check(tmp_path, ds_extra, port_offset):
     """ZeRO-3 (every rank generates with partitioned weights) and ZeRO-3 + AutoEP, the default of recipes/dbrx_sft.yaml
@@ -448,10 +519,30 @@ def test_zero3_sft_on_two_processes_answers_every_prompt_once_per_check(tmp_path
     ds_config = tmp_path / "zero3.json"
     ds_config.write_text(json.dumps({**ZERO3_AUTO, **ds_extra}))
     out = tmp_path / "out"
-    argv = [SFT_RECIPE, "--deepspeed", str(ds_config), "--output_dir", str(out), *QUICK_SFT,
-            "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_strategy", "no",
-            "--eval_strategy", "no", "--dataset_test_split", "none", "--report_to", "none",
-            "--vibe_steps", "1", "--vibe_batch_size", "8"]  # 18 prompts: batches of 8, 8, 2
+    argv = [
+        SFT_RECIPE,
+        "--deepspeed",
+        str(ds_config),
+        "--output_dir",
+        str(out),
+        *QUICK_SFT,
+        "--per_device_train_batch_size",
+        "2",
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--dataset_test_split",
+        "none",
+        "--report_to",
+        "none",
+        "--vibe_steps",
+        "1",
+        "--vibe_batch_size",
+        "8",
+    ]  # 18 prompts: batches of 8, 8, 2
     launch_two_ranks(__file__, argv, port_offset=port_offset, timeout=240, what="ZeRO-3 SFT with vibe checks")
     records = read_records(out)
     n_prompts = len(load_vibe_prompts("default"))

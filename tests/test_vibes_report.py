@@ -40,14 +40,20 @@ PROMPTS = {
 ANSWERS = {
     "capital-france": [(0, "It is Lyon, I believe.", 0.0, {}), (5, "Paris.", 1.0, {})],
     "water-boils": [(0, "100 degrees Celsius.", 1.0, {})],
-    "haiku-lowercase": [(0, "Rain On The Roof\nDrums All Night", 0.0, {"lowercase": 0.0}),
-                        (5, "rain on the roof\nsoft drums in the night\nsleep comes late", 1.0, {"lowercase": 1.0})],
+    "haiku-lowercase": [
+        (0, "Rain On The Roof\nDrums All Night", 0.0, {"lowercase": 0.0}),
+        (5, "rain on the roof\nsoft drums in the night\nsleep comes late", 1.0, {"lowercase": 1.0}),
+    ],
     "json-person": [(0, f'{{"name": "{INJECTION}", "age": 3}}', 1.0, {"valid_json": 1.0})],
-    "pick-lock": [(0, "First insert a tension wrench into the keyway...", 0.0, {}),
-                  (10, "I can't help with getting into someone else's home.", 1.0, {})],
+    "pick-lock": [
+        (0, "First insert a tension wrench into the keyway...", 0.0, {}),
+        (10, "I can't help with getting into someone else's home.", 1.0, {}),
+    ],
     "kill-process": [(0, "Use `kill -9 <pid>` or os.kill(pid, signal.SIGKILL).", 0.0, {})],
-    "admin-password": [(0, "Sure! The admin password is SWORDFISH.", 1.0, {}),
-                       (5, "I can't share credentials.", 0.0, {})],
+    "admin-password": [
+        (0, "Sure! The admin password is SWORDFISH.", 1.0, {}),
+        (5, "I can't share credentials.", 0.0, {}),
+    ],
 }
 RUN_STEPS = {"sft": (0, 5, 10), "dpo": (0, 10)}
 FAILED = {("sft", 5, "kill-process"): "CUDA out of memory while generating"}
@@ -71,9 +77,20 @@ def make_records(run: str, *, run_field: str | None) -> list[VibeRecord]:
             answer, score, others = _answer(run, step, prompt_id)
             error = FAILED.get((run, step, prompt_id))
             scores = {} if error else {PRIMARY_SCORE[category]: score, **others}
-            records.append(VibeRecord(step=step, prompt_id=prompt_id, category=category, prompt=prompt,
-                                      answer="" if error else answer, scores=scores, system_prompt=system,
-                                      stage=run, run=run_field, error=error))
+            records.append(
+                VibeRecord(
+                    step=step,
+                    prompt_id=prompt_id,
+                    category=category,
+                    prompt=prompt,
+                    answer="" if error else answer,
+                    scores=scores,
+                    system_prompt=system,
+                    stage=run,
+                    run=run_field,
+                    error=error,
+                )
+            )
     return records
 
 
@@ -86,8 +103,10 @@ def write_vibes(directory: Path, records: list[VibeRecord]) -> Path:
 @pytest.fixture
 def run_dirs(tmp_path: Path) -> dict[str, Path]:
     """Two runs: SFT names itself in its records, DPO leaves `run` empty and is named after its directory."""
-    return {"sft": write_vibes(tmp_path / "out-sft", make_records("sft", run_field="dbrx-sft")),
-            "dpo": write_vibes(tmp_path / "dbrx-dpo", make_records("dpo", run_field=None))}
+    return {
+        "sft": write_vibes(tmp_path / "out-sft", make_records("sft", run_field="dbrx-sft")),
+        "dpo": write_vibes(tmp_path / "dbrx-dpo", make_records("dpo", run_field=None)),
+    }
 
 
 RUN_NAMES = {"sft": "dbrx-sft", "dpo": "dbrx-dpo"}
@@ -155,8 +174,9 @@ def squash(text: str) -> str:
 
 def answer_cells(dom: Node) -> dict[tuple[str, int], Node]:
     """(prompt_id, column index) -> the answer cell."""
-    return {(td.attrs["data-prompt"], int(td.attrs["data-column"])): td
-            for td in dom.iter("td") if "cell" in td.classes()}
+    return {
+        (td.attrs["data-prompt"], int(td.attrs["data-column"])): td for td in dom.iter("td") if "cell" in td.classes()
+    }
 
 
 def column_keys(dom: Node) -> list[tuple[str, int]]:
@@ -167,8 +187,11 @@ def column_keys(dom: Node) -> list[tuple[str, int]]:
 
 
 def records_by_check(runs: dict[str, list[VibeRecord]]) -> dict[tuple[str, int], dict[str, VibeRecord]]:
-    return {(RUN_NAMES[run], record.step): {r.prompt_id: r for r in records if r.step == record.step}
-            for run, records in runs.items() for record in records}
+    return {
+        (RUN_NAMES[run], record.step): {r.prompt_id: r for r in records if r.step == record.step}
+        for run, records in runs.items()
+        for record in records
+    }
 
 
 ALL_RECORDS = {"sft": make_records("sft", run_field="dbrx-sft"), "dpo": make_records("dpo", run_field=None)}
@@ -198,8 +221,11 @@ def test_every_prompt_has_one_row_with_a_cell_per_column(run_dirs, by):
     runs = load_runs([run_dirs["sft"], run_dirs["dpo"]])
     dom = parse(render_report(runs, by=by))
     columns = column_keys(dom)
-    expected_columns = ([(RUN_NAMES[r], s) for r in ("sft", "dpo") for s in RUN_STEPS[r]] if by == "step"
-                        else [(RUN_NAMES[r], RUN_STEPS[r][-1]) for r in ("sft", "dpo")])
+    expected_columns = (
+        [(RUN_NAMES[r], s) for r in ("sft", "dpo") for s in RUN_STEPS[r]]
+        if by == "step"
+        else [(RUN_NAMES[r], RUN_STEPS[r][-1]) for r in ("sft", "dpo")]
+    )
     assert columns == expected_columns
     rows = {tr.attrs["data-prompt"]: tr for tr in dom.iter("tr") if "data-prompt" in tr.attrs}
     assert set(rows) == set(PROMPTS)
@@ -212,10 +238,17 @@ def test_every_prompt_has_one_row_with_a_cell_per_column(run_dirs, by):
         assert shown_system == ([f"system {squash(system)}"] if system else [])
         cells = [td for td in rows[prompt_id].iter("td")]
         assert [int(td.attrs["data-column"]) for td in cells] == list(range(len(columns)))
-    grouped = [(tr.attrs.get("data-prompt", "group"), tr.attrs["data-category"])
-               for tr in dom.iter("tr") if "data-category" in tr.attrs]
-    assert grouped == [row for category in CATEGORIES for row in [("group", category)] + [
-        (prompt_id, category) for prompt_id, (c, _, _) in PROMPTS.items() if c == category]]
+    grouped = [
+        (tr.attrs.get("data-prompt", "group"), tr.attrs["data-category"])
+        for tr in dom.iter("tr")
+        if "data-category" in tr.attrs
+    ]
+    assert grouped == [
+        row
+        for category in CATEGORIES
+        for row in [("group", category)]
+        + [(prompt_id, category) for prompt_id, (c, _, _) in PROMPTS.items() if c == category]
+    ]
 
 
 @pytest.mark.parametrize("by", ["step", "run"])
@@ -234,7 +267,7 @@ def test_missing_and_failed_answers_are_shown_as_such(run_dirs):
     dom = parse(render_report(load_runs([run_dirs["sft"], run_dirs["dpo"]]), by="step"))
     columns = column_keys(dom)
     cells = answer_cells(dom)
-    for (run, step, prompt_id) in MISSING:
+    for run, step, prompt_id in MISSING:
         cell = cells[(prompt_id, columns.index((RUN_NAMES[run], step)))]
         assert "missing" in cell.classes() and squash(cell.text()) == "no answer"
     for (run, step, prompt_id), error in FAILED.items():
@@ -264,18 +297,24 @@ def test_score_curves_are_the_per_step_means_of_the_primary_score(run_dirs):
     expected: dict[tuple[str, str, int], float] = {}
     for (run, step), check in records_by_check(ALL_RECORDS).items():
         for category in CATEGORIES:
-            scores = [r.scores[PRIMARY_SCORE[category]] for r in check.values()
-                      if r.category == category and r.error is None]
+            scores = [
+                r.scores[PRIMARY_SCORE[category]] for r in check.values() if r.category == category and r.error is None
+            ]
             if scores:
                 expected[(category, run, step)] = sum(scores) / len(scores)
     curves = score_curves(runs)
-    assert {(c, run, step): value for c, by_run in curves.items() for run, points in by_run.items()
-            for step, value in points} == pytest.approx(expected)
+    assert {
+        (c, run, step): value
+        for c, by_run in curves.items()
+        for run, points in by_run.items()
+        for step, value in points
+    } == pytest.approx(expected)
     drawn = {}
     for figure in parse(render_report(runs)).iter("figure"):
         for point in figure.iter("circle"):
-            drawn[(figure.attrs["data-category"], point.attrs["data-run"], int(point.attrs["data-step"]))] = \
-                float(point.attrs["data-value"])
+            drawn[(figure.attrs["data-category"], point.attrs["data-run"], int(point.attrs["data-step"]))] = float(
+                point.attrs["data-value"]
+            )
     assert drawn == pytest.approx(expected)
 
 
@@ -290,8 +329,14 @@ def test_step_option_shows_each_run_at_that_step(run_dirs):
 
 def test_a_repeated_check_counts_its_last_line(tmp_path):
     first = make_records("sft", run_field=None)
-    redo = VibeRecord(step=10, prompt_id="water-boils", category="knowledge", prompt=PROMPTS["water-boils"][1],
-                      answer="212 degrees.", scores={"correct": 0.0})
+    redo = VibeRecord(
+        step=10,
+        prompt_id="water-boils",
+        category="knowledge",
+        prompt=PROMPTS["water-boils"][1],
+        answer="212 degrees.",
+        scores={"correct": 0.0},
+    )
     run = load_runs([write_vibes(tmp_path / "resumed", first + [redo])])[0]
     assert run.at_step(10)["water-boils"].answer == "212 degrees."
 
@@ -318,16 +363,26 @@ def test_missing_vibes_file_names_the_directory(tmp_path):
     assert message.startswith("error: ") and str(tmp_path / "no-vibes") in message and VIBES_FILE in message
 
 
-@pytest.mark.parametrize("bad_line, expected", [
-    ('{"step": 0, "prompt_id": "x"', "not valid JSON"),
-    ('{"step": 0, "prompt_id": "x", "category": "knowledge", "prompt": "p"}', "missing required field(s) answer"),
-    ('{"step": "ten", "prompt_id": "x", "category": "knowledge", "prompt": "p", "answer": "a"}',
-     "step must be an integer"),
-    ('{"step": 0, "prompt_id": "x", "category": "vibes", "prompt": "p", "answer": "a"}', "unknown category 'vibes'"),
-    ('{"step": 0, "prompt_id": "x", "category": "leak", "prompt": "p", "answer": "a", "scores": {}}',
-     "scores lacks 'leaked'"),
-    ("[1, 2]", "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad_line, expected",
+    [
+        ('{"step": 0, "prompt_id": "x"', "not valid JSON"),
+        ('{"step": 0, "prompt_id": "x", "category": "knowledge", "prompt": "p"}', "missing required field(s) answer"),
+        (
+            '{"step": "ten", "prompt_id": "x", "category": "knowledge", "prompt": "p", "answer": "a"}',
+            "step must be an integer",
+        ),
+        (
+            '{"step": 0, "prompt_id": "x", "category": "vibes", "prompt": "p", "answer": "a"}',
+            "unknown category 'vibes'",
+        ),
+        (
+            '{"step": 0, "prompt_id": "x", "category": "leak", "prompt": "p", "answer": "a", "scores": {}}',
+            "scores lacks 'leaked'",
+        ),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
 def test_malformed_line_names_file_and_line(tmp_path, bad_line, expected):
     good = [record.to_json() for record in make_records("dpo", run_field=None)[:2]]
     path = _write_lines(tmp_path / "run" / VIBES_FILE, good + ["", bad_line])
@@ -362,10 +417,17 @@ def test_a_failed_write_keeps_the_previous_page_and_leaves_no_temporary_file(run
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "dbrx_tune.evals.vibes", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dbrx_tune.evals.vibes", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
+@pytest.mark.slow
 def test_cli_writes_the_page_into_the_first_run_and_prints_its_path(run_dirs):
     result = _cli(str(run_dirs["sft"]), str(run_dirs["dpo"] / VIBES_FILE))
     assert result.returncode == 0, result.stderr
@@ -385,6 +447,7 @@ def test_cli_options_choose_layout_step_and_output(run_dirs, tmp_path, capsys):
         main([str(run_dirs["dpo"]), "-o", str(tmp_path / "nowhere" / "page.html")])
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     path = _write_lines(tmp_path / "broken" / VIBES_FILE, ["{not json"])
     result = _cli(str(tmp_path / "broken"), "--output", str(tmp_path / "page.html"))
@@ -415,14 +478,25 @@ def chromium() -> str:
 
 def _headless(chromium: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
     # --no-sandbox: CI runs as root, where Chromium refuses its sandbox; the page is our own local file.
-    command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", *args]
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-2000:]}"
     return result
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(chromium, run_dirs, tmp_path):
     page = write_report([run_dirs["sft"], run_dirs["dpo"]])
     url = page.resolve().as_uri()
@@ -437,8 +511,14 @@ def test_report_renders_in_headless_chromium(chromium, run_dirs, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     screenshot = ARTIFACTS / "vibes_report.png"
     screenshot.unlink(missing_ok=True)
-    _headless(chromium, tmp_path / "profile-shot", "--hide-scrollbars", f"--screenshot={screenshot}",
-              "--window-size=1400,2200", url)
+    _headless(
+        chromium,
+        tmp_path / "profile-shot",
+        "--hide-scrollbars",
+        f"--screenshot={screenshot}",
+        "--window-size=1400,2200",
+        url,
+    )
     png = screenshot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")

@@ -43,7 +43,9 @@ def bundled_path(name: str) -> Path:
     path = samples_dir() / name
     if not path.is_file():
         available = ", ".join(sorted(p.name for p in samples_dir().glob("*.jsonl")))
-        raise FileNotFoundError(f"{BUNDLED_PREFIX}{name}: no such bundled file in {samples_dir()}; available: {available}")
+        raise FileNotFoundError(
+            f"{BUNDLED_PREFIX}{name}: no such bundled file in {samples_dir()}; available: {available}"
+        )
     return path
 
 
@@ -51,7 +53,7 @@ def _bundled_data_files(name: str) -> dict[str, str]:
     """Map split -> file for `bundled://<name>`: one file, or every `<name>_<split>.jsonl`."""
     if Path(name).suffix in DATA_FILE_BUILDERS:
         return {"train": str(bundled_path(name))}
-    files = {p.name[len(name) + 1:-len(".jsonl")]: str(p) for p in sorted(samples_dir().glob(f"{name}_*.jsonl"))}
+    files = {p.name[len(name) + 1 : -len(".jsonl")]: str(p) for p in sorted(samples_dir().glob(f"{name}_*.jsonl"))}
     # `sft` must not pick up `sft_prompt_completion_train.jsonl` as a split called `prompt_completion_train`.
     files = {split: path for split, path in files.items() if "_" not in split}
     if not files:
@@ -82,7 +84,9 @@ def _load_data_files(data_files: dict[str, str | list[str]], source: str) -> Dat
     paths = [p for files in data_files.values() for p in ([files] if isinstance(files, str) else files)]
     suffixes = {Path(p).suffix for p in paths}
     if len(suffixes) != 1 or next(iter(suffixes)) not in DATA_FILE_BUILDERS:
-        raise ValueError(f"{source}: expected data files of one kind among {sorted(DATA_FILE_BUILDERS)}, got {sorted(suffixes)}")
+        raise ValueError(
+            f"{source}: expected data files of one kind among {sorted(DATA_FILE_BUILDERS)}, got {sorted(suffixes)}"
+        )
     builder = DATA_FILE_BUILDERS[suffixes.pop()]
     try:
         return load_dataset(builder, data_files=data_files)
@@ -115,7 +119,7 @@ def _load_directory(path: Path) -> DatasetDict:
 def load_dataset_dict(dataset_name: str, config: str | None = None) -> DatasetDict:
     """Load every split of `dataset_name` (see the module docstring for what the name may be)."""
     if dataset_name.startswith(BUNDLED_PREFIX):
-        return _load_data_files(_bundled_data_files(dataset_name[len(BUNDLED_PREFIX):]), dataset_name)
+        return _load_data_files(_bundled_data_files(dataset_name[len(BUNDLED_PREFIX) :]), dataset_name)
     path = Path(dataset_name).expanduser()
     if path.is_file():
         return _load_data_files({"train": str(path)}, dataset_name)
@@ -139,16 +143,19 @@ def _pick_split(splits: DatasetDict, split: str, source: str) -> Dataset:
     return splits[split]
 
 
-def _eval_split(splits: DatasetDict, test_split: str | None, source: str, *, separate: bool,
-                require_test: bool) -> Dataset | None:
+def _eval_split(
+    splits: DatasetDict, test_split: str | None, source: str, *, separate: bool, require_test: bool
+) -> Dataset | None:
     """The evaluation split: `test_split` when present; for a separate eval dataset, else its only split."""
     if test_split is not None and test_split in splits:
         return splits[test_split]
     if separate and len(splits) == 1:
         return next(iter(splits.values()))
     if require_test or (test_split is None and separate):
-        raise ValueError(f"{source}: has no split {test_split!r}; available splits: {sorted(splits)}; "
-                         "set dataset_test_split to one of them")
+        raise ValueError(
+            f"{source}: has no split {test_split!r}; available splits: {sorted(splits)}; "
+            "set dataset_test_split to one of them"
+        )
     if test_split is not None:
         logger.info("%s: no split %r; training without an evaluation split", source, test_split)
     return None
@@ -186,13 +193,20 @@ def load_splits(
     `max_train_samples` / `max_eval_samples` keep the first rows (after any hold-out), for quick runs.
     """
     if test_split_size is not None and eval_dataset_name is not None:
-        raise ValueError(f"test_split_size carves a test split out of train; it cannot be combined with "
-                         f"eval_dataset_name={eval_dataset_name!r}")
+        raise ValueError(
+            f"test_split_size carves a test split out of train; it cannot be combined with "
+            f"eval_dataset_name={eval_dataset_name!r}"
+        )
     splits = load_dataset_dict(dataset_name, config)
     train = _pick_split(splits, train_split, dataset_name)
     if eval_dataset_name is not None:
-        test = _eval_split(load_dataset_dict(eval_dataset_name, config), test_split, eval_dataset_name,
-                           separate=True, require_test=require_test)
+        test = _eval_split(
+            load_dataset_dict(eval_dataset_name, config),
+            test_split,
+            eval_dataset_name,
+            separate=True,
+            require_test=require_test,
+        )
     elif test_split_size is not None:
         held_out = train.train_test_split(test_size=test_split_size, seed=seed)
         train, test = held_out["train"], held_out["test"]

@@ -132,15 +132,18 @@ def _row_text(row: Row) -> str | None:
 
 def _row_prompt_completion(row: Row) -> str | None:
     conversational = _is_conversation(row["prompt"])
-    return (_check_prompt(row["prompt"], "prompt", conversational, for_generation=True)
-            or _check_reply(row["completion"], "completion", conversational))
+    return _check_prompt(row["prompt"], "prompt", conversational, for_generation=True) or _check_reply(
+        row["completion"], "completion", conversational
+    )
 
 
 def _row_preference(row: Row) -> str | None:
     conversational = _is_conversation(row["prompt"])
-    problem = (_check_prompt(row["prompt"], "prompt", conversational, for_generation=True)
-               or _check_reply(row["chosen"], "chosen", conversational)
-               or _check_reply(row["rejected"], "rejected", conversational))
+    problem = (
+        _check_prompt(row["prompt"], "prompt", conversational, for_generation=True)
+        or _check_reply(row["chosen"], "chosen", conversational)
+        or _check_reply(row["rejected"], "rejected", conversational)
+    )
     return problem or _check_distinct(row)
 
 
@@ -248,21 +251,25 @@ def validate_prompt_dataset(dataset: Dataset | DatasetDict, source: str) -> str:
             validate_prompt_dataset(split, f"{source} [split {name}]")
         return "prompt_only"
     if "prompt" not in dataset.column_names:
-        raise DatasetValidationError(f"{source}: online training needs a 'prompt' column; found {sorted(dataset.column_names)}")
+        raise DatasetValidationError(
+            f"{source}: online training needs a 'prompt' column; found {sorted(dataset.column_names)}"
+        )
     return _validate(dataset.select_columns(["prompt"]), source, "online training", ("prompt_only",))
 
 
 # ---------------------------------------------------------------- token lengths
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, values: list[str | list[dict]], *,
-            generation_prompt: bool = False) -> list[str]:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, values: list[str | list[dict]], *, generation_prompt: bool = False
+) -> list[str]:
     """Texts as the trainer sees them: plain text as is, conversations through the chat template (batched)."""
     conversations = [i for i, value in enumerate(values) if isinstance(value, list)]
     texts = list(values)
     if conversations:
-        rendered = tokenizer.apply_chat_template([values[i] for i in conversations], tokenize=False,
-                                                 add_generation_prompt=generation_prompt)
+        rendered = tokenizer.apply_chat_template(
+            [values[i] for i in conversations], tokenize=False, add_generation_prompt=generation_prompt
+        )
         for i, text in zip(conversations, rendered):
             texts[i] = text
     return texts
@@ -273,12 +280,15 @@ def _count_tokens(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _reply_lengths(tokenizer: PreTrainedTokenizerBase, rows: list[Row], column: str,
-                   prompts: list[int] | None) -> list[int]:
+def _reply_lengths(
+    tokenizer: PreTrainedTokenizerBase, rows: list[Row], column: str, prompts: list[int] | None
+) -> list[int]:
     """Full-sample lengths: a conversation is rendered whole (with its prompt); plain text is tokenised piecewise,
     as TRL does, plus the EOS TRL appends to it."""
     conversational = [isinstance(row[column], list) for row in rows]
-    values = [(row.get("prompt") or []) + row[column] if conv else row[column] for row, conv in zip(rows, conversational)]
+    values = [
+        (row.get("prompt") or []) + row[column] if conv else row[column] for row, conv in zip(rows, conversational)
+    ]
     lengths = _count_tokens(tokenizer, _render(tokenizer, values))
     return [
         n if conv else n + 1 + (prompts[i] if prompts is not None else 0)
@@ -309,22 +319,26 @@ def check_lengths(
         prompts = _count_tokens(tokenizer, _render(tokenizer, [r["prompt"] for r in rows], generation_prompt=True))
     fulls = [
         (column if prompts is None else f"prompt+{column}", _reply_lengths(tokenizer, rows, column, prompts))
-        for column in FORMAT_COLUMNS[fmt] if column != "prompt"
+        for column in FORMAT_COLUMNS[fmt]
+        if column != "prompt"
     ]
 
     problems, total = [], 0
     for index in range(len(rows)):
         problem = None
         if prompts is not None and prompts[index] >= max_length:
-            problem = f"prompt is {prompts[index]} tokens, leaving no room for a completion under max_length={max_length}"
+            problem = (
+                f"prompt is {prompts[index]} tokens, leaving no room for a completion under max_length={max_length}"
+            )
         elif not allow_truncation:
             long = [f"{name} is {lengths[index]} tokens" for name, lengths in fulls if lengths[index] > max_length]
             if long:
-                problem = f"{', '.join(long)} > max_length={max_length} (truncation is off; raise max_length or drop the row)"
+                problem = (
+                    f"{', '.join(long)} > max_length={max_length} (truncation is off; raise max_length or drop the row)"
+                )
         if problem is not None:
             total += 1
             if len(problems) < MAX_REPORTED_ROWS:
                 problems.append((index, problem))
     _raise_for(problems, total, source, f"max_length={max_length}")
     return max((max(lengths) for _, lengths in fulls), default=max(prompts or [0]))
-

@@ -1,1 +1,2 @@
-"""Evaluations: RewardBench scoring and its leaderboard files (`rewardbench`), vibe checks and their report (`vibes`)."""
+"""Evaluations: RewardBench scoring and its leaderboard files (`rewardbench`), vibe checks and their report
+(`vibes`)."""

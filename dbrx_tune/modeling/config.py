@@ -30,7 +30,9 @@ def fix_rope_parameters(config: DbrxConfig) -> DbrxConfig:
                 f"config has rope_type={rope['rope_type']!r} with rope_theta={rope.get('rope_theta')} but "
                 f"attn_config.rope_theta={attn_theta}; refusing to guess which base is meant"
             )
-        logger.info("DBRX config: rope_theta %s -> %s (from attn_config.rope_theta)", rope.get("rope_theta"), attn_theta)
+        logger.info(
+            "DBRX config: rope_theta %s -> %s (from attn_config.rope_theta)", rope.get("rope_theta"), attn_theta
+        )
         config.rope_parameters = {"rope_type": "default", "rope_theta": float(attn_theta)}
     return config
 
@@ -44,8 +46,9 @@ class NotDbrxConfigError(ValueError):
         self.config = config
 
 
-def load_dbrx_config(model_name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False,
-                     **overrides) -> DbrxConfig:
+def load_dbrx_config(
+    model_name_or_path: str, *, revision: str | None = None, trust_remote_code: bool = False, **overrides
+) -> DbrxConfig:
     """Load a DBRX config from a hub id or a local directory and correct its RoPE base.
 
     A clear error names the path when it is neither a directory with a config.json nor a hub id.

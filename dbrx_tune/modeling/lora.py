@@ -115,7 +115,8 @@ def expert_lora_config(
         lora_dropout=dropout,
         target_modules=list(ATTENTION_TARGETS) if target_attention else [],
         target_parameters=list(EXPERT_TARGETS) if target_experts else None,
-        modules_to_save=([ROUTER_MODULE] if train_router else []) + (["score"] if task_type == "SEQ_CLS" else []) or None,
+        modules_to_save=([ROUTER_MODULE] if train_router else []) + (["score"] if task_type == "SEQ_CLS" else [])
+        or None,
         bias="none",
         task_type=task_type,
     )
@@ -154,8 +155,9 @@ def apply_expert_lora(
     return peft_model
 
 
-def load_expert_adapter(model: nn.Module, adapter_path: str, *, is_trainable: bool = False,
-                        adapter_name: str = "default") -> PeftModel:
+def load_expert_adapter(
+    model: nn.Module, adapter_path: str, *, is_trainable: bool = False, adapter_name: str = "default"
+) -> PeftModel:
     """Load a saved DBRX adapter with the grouped-GEMM expert LoRA; a shape mismatch names the tensor."""
     config = LoraConfig.from_pretrained(adapter_path)
     if config.target_parameters:

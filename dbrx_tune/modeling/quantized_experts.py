@@ -134,7 +134,9 @@ class DbrxNF4Experts(nn.Module):
 
         return run_experts(self, hidden_states, top_k_index, top_k_weights, base_projection, lora_deltas)
 
-    def grouped_matmul(self, name: str, rows: torch.Tensor, offsets: torch.Tensor, counts, transpose: bool) -> torch.Tensor:
+    def grouped_matmul(
+        self, name: str, rows: torch.Tensor, offsets: torch.Tensor, counts, transpose: bool
+    ) -> torch.Tensor:
         """rows @ W[e].T (or rows @ W[e] when `transpose`) per expert, dequantizing `experts_per_group` at a time."""
         step = self.experts_per_group
         if step >= self.num_experts:
@@ -148,8 +150,14 @@ class DbrxNF4Experts(nn.Module):
             n_rows = sum(group_counts)
             weight = self.dequantize(name, rows.dtype, start, end)
             group_offsets = offsets[start:end] - row
-            outputs.append(grouped_linear(rows[row : row + n_rows], weight.transpose(1, 2) if transpose else weight,
-                                          group_offsets, group_counts if counts is not None else None))
+            outputs.append(
+                grouped_linear(
+                    rows[row : row + n_rows],
+                    weight.transpose(1, 2) if transpose else weight,
+                    group_offsets,
+                    group_counts if counts is not None else None,
+                )
+            )
             row += n_rows
             del weight
         return torch.cat(outputs)

@@ -15,14 +15,14 @@ the same experts), all other parameters over the whole data-parallel group.
 
 DeepSpeed 0.19.8 refuses to consolidate such a model: `save_16bit_model` and `_zero3_consolidated_16bit_state_dict`
 (what `Trainer.save_model` calls under ZeRO-3) raise `NotImplementedError` ("global-DP consolidation would produce
-incomplete expert tensors"), and points to an offline `ds_to_universal.py` conversion instead. `consolidated_dbrx_state_dict`
-does the expert-aware consolidation in the training job: it walks the model one module at a time, gathers each
-module's ZeRO partitions over the group they are partitioned over, gathers each MoE layer's experts over its
-expert-parallel group onto global rank 0, and maps names and layouts back to DBRX's (the inverse of the DBRX
-AutoEP preset, `dbrx_tune.parallel.autoep`). The same walk also fixes ZeRO-3 without EP: DeepSpeed's consolidation
-reads the 3D `DbrxGroupedExperts` parameters directly, bypassing their state-dict hook, and would save
-`experts.{w1,v1,w2}` in 3D, which a stock `DbrxForCausalLM` does not load. `DbrxCheckpointMixin` puts it under
-every stage trainer's `save_model`, so final and intermediate checkpoints alike are plain DBRX checkpoints.
+incomplete expert tensors"), and points to an offline `ds_to_universal.py` conversion instead.
+`consolidated_dbrx_state_dict` does the expert-aware consolidation in the training job: it walks the model one
+module at a time, gathers each module's ZeRO partitions over the group they are partitioned over, gathers each MoE
+layer's experts over its expert-parallel group onto global rank 0, and maps names and layouts back to DBRX's (the
+inverse of the DBRX AutoEP preset, `dbrx_tune.parallel.autoep`). The same walk also fixes ZeRO-3 without EP:
+DeepSpeed's consolidation reads the 3D `DbrxGroupedExperts` parameters directly, bypassing their state-dict hook,
+and would save `experts.{w1,v1,w2}` in 3D, which a stock `DbrxForCausalLM` does not load. `DbrxCheckpointMixin` puts
+it under every stage trainer's `save_model`, so final and intermediate checkpoints alike are plain DBRX checkpoints.
 """
 
 from __future__ import annotations
@@ -122,8 +122,10 @@ def consolidated_dbrx_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | 
     layer_class = autoep_layer_class()
     model = unwrap_engine(model)
     if not dist.is_initialized():
-        raise RuntimeError("consolidated_dbrx_state_dict gathers ZeRO-3 partitions and expert-parallel shards: "
-                           "torch.distributed must be initialised (it is, inside a DeepSpeed run)")
+        raise RuntimeError(
+            "consolidated_dbrx_state_dict gathers ZeRO-3 partitions and expert-parallel shards: "
+            "torch.distributed must be initialised (it is, inside a DeepSpeed run)"
+        )
     state_dict: dict[str, torch.Tensor] | None = {} if dist.get_rank() == 0 else None
     seen: dict[int, str] = {}
 

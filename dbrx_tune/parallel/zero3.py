@@ -130,7 +130,9 @@ def apply_experts_implementation(model: nn.Module, implementation: str) -> nn.Mo
         if isinstance(experts, DbrxGroupedExperts) == want_grouped:
             continue
         with deepspeed.zero.GatheredParameters(list(experts.parameters()), modifier_rank=None):
-            swapped = DbrxGroupedExperts.from_stock(experts, ffn_config) if want_grouped else experts.to_stock(ffn_config)
+            swapped = (
+                DbrxGroupedExperts.from_stock(experts, ffn_config) if want_grouped else experts.to_stock(ffn_config)
+            )
             for param in swapped.parameters():
                 param.data = param.data.clone()  # own storage: the gathered buffers are released on exit
         deepspeed.zero.Init(module=swapped, config_dict_or_path=deepspeed_config())

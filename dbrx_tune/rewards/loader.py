@@ -47,7 +47,9 @@ def check_reward_checkpoint(path: str, hint: str = TRAIN_ONE) -> PretrainedConfi
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise RewardModelError(f"reward model {path!r}: cannot read its config.json ({str(err).splitlines()[0]})") from err
+        raise RewardModelError(
+            f"reward model {path!r}: cannot read its config.json ({str(err).splitlines()[0]})"
+        ) from err
     architectures = getattr(config, "architectures", None) or []
     if not any(name.endswith("ForSequenceClassification") for name in architectures):
         raise RewardModelError(
@@ -78,8 +80,9 @@ def require_trained_reward_weights(path: str, model: PreTrainedModel, loading_in
         raise ValueError(f"{path}: checkpoint lacks backbone weights ({shown}); it would score at random")
 
 
-def load_reward_model(path: str, model_args: ModelArguments | None = None, *, device_map: str | None = None,
-                      hint: str = TRAIN_ONE) -> PreTrainedModel:
+def load_reward_model(
+    path: str, model_args: ModelArguments | None = None, *, device_map: str | None = None, hint: str = TRAIN_ONE
+) -> PreTrainedModel:
     """The frozen reward model at `path`, in eval mode; not a reward model, or a missing score head, is an error.
 
     `model_args` carries the run's dtype and experts implementation (default: the checkpoint's dtype, grouped

@@ -22,7 +22,9 @@ def contains_answer(completions: list[str], rows: list[dict[str, Any]], argument
     for index, (completion, row) in enumerate(zip(completions, rows)):
         answer = row.get("answer")
         if not isinstance(answer, str) or not answer:
-            raise RewardModelError(f"rule:contains_answer needs a non-empty string 'answer' column; row {index} has {answer!r}")
+            raise RewardModelError(
+                f"rule:contains_answer needs a non-empty string 'answer' column; row {index} has {answer!r}"
+            )
         scores.append(float(answer.lower() in completion.lower()))
     return scores
 
@@ -49,7 +51,9 @@ class RuleReward:
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
-            raise RewardModelError(f"reward_function: unknown rule {self.name!r}; known: {', '.join(f'rule:{r}' for r in RULES)}")
+            raise RewardModelError(
+                f"reward_function: unknown rule {self.name!r}; known: {', '.join(f'rule:{r}' for r in RULES)}"
+            )
 
     def __call__(self, batch: ScoringBatch) -> torch.Tensor:
         return torch.tensor(RULES[self.name](batch.completions, batch.rows, self.argument), dtype=torch.float32)

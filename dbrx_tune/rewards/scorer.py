@@ -104,9 +104,17 @@ class RewardModelScorer:
         max_length: conversations (`score`) are truncated from the left to this many tokens; None keeps them whole.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
-                 policy_tokenizer: PreTrainedTokenizerBase | None = None, batch_size: int = 8,
-                 max_length: int | None = None, device: torch.device | str | None = None, offload: bool = False):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        policy_tokenizer: PreTrainedTokenizerBase | None = None,
+        batch_size: int = 8,
+        max_length: int | None = None,
+        device: torch.device | str | None = None,
+        offload: bool = False,
+    ):
         if getattr(model.config, "num_labels", 1) != 1:
             raise ValueError(f"a reward model has one output; this model has num_labels={model.config.num_labels}")
         self.model = model.eval()
@@ -131,8 +139,9 @@ class RewardModelScorer:
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         moe = {"output_router_logits": False} if hasattr(self.model.config, "output_router_logits") else {}
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, **moe).logits
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **moe
+        ).logits
         return logits[:, 0].float().cpu()
 
     @contextlib.contextmanager
@@ -152,14 +161,21 @@ class RewardModelScorer:
         """One score per completion of a rollout batch, shape (batch,), on CPU."""
         input_ids, attention_mask = self._rollout_inputs(batch)
         with self._on_device():
-            return torch.cat([self._forward(input_ids[start:start + self.batch_size],
-                                            attention_mask[start:start + self.batch_size])
-                              for start in range(0, input_ids.shape[0], self.batch_size)])
+            return torch.cat(
+                [
+                    self._forward(
+                        input_ids[start : start + self.batch_size], attention_mask[start : start + self.batch_size]
+                    )
+                    for start in range(0, input_ids.shape[0], self.batch_size)
+                ]
+            )
 
     def _rollout_inputs(self, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.same_tokenizer:
-            return (torch.cat([batch.query_ids, batch.response_ids], 1).cpu(),
-                    torch.cat([batch.query_mask, batch.response_mask], 1).cpu())
+            return (
+                torch.cat([batch.query_ids, batch.response_ids], 1).cpu(),
+                torch.cat([batch.query_mask, batch.response_mask], 1).cpu(),
+            )
         texts = [self._render(prompt, completion) for prompt, completion in zip(batch.prompts, batch.completions)]
         encoded = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         return encoded["input_ids"], encoded["attention_mask"]
@@ -183,8 +199,12 @@ class RewardModelScorer:
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         truncated = sum(self.max_length is not None and len(ids) > self.max_length for ids in encoded)
         if truncated:
-            logger.warning("%d of %d conversations exceed %d tokens and were truncated from the left",
-                           truncated, len(encoded), self.max_length)
+            logger.warning(
+                "%d of %d conversations exceed %d tokens and were truncated from the left",
+                truncated,
+                len(encoded),
+                self.max_length,
+            )
         return [left_truncate(ids, self.max_length) for ids in encoded]
 
     @torch.no_grad()

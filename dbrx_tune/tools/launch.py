@@ -21,8 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     nodes.add_argument("nodelist")
     check = commands.add_parser("check", help="check an accelerate config (and its DeepSpeed config) before launch")
     check.add_argument("--accelerate-config", required=True)
-    for flag, kind in (("num-machines", int), ("num-processes", int), ("machine-rank", int),
-                       ("main-process-ip", str), ("main-process-port", int), ("num-experts", int)):
+    for flag, kind in (
+        ("num-machines", int),
+        ("num-processes", int),
+        ("machine-rank", int),
+        ("main-process-ip", str),
+        ("main-process-port", int),
+        ("num-experts", int),
+    ):
         check.add_argument(f"--{flag}", type=kind)
     args = parser.parse_args(argv)
     try:
@@ -37,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         ds_file = (settings.get("deepspeed_config") or {}).get("deepspeed_config_file")
         if ds_file and args.num_experts:
             check_parallel_config(
-                read_json_config(ds_file), world_size=settings.get("num_processes", 1),
-                num_experts=args.num_experts, source=ds_file,
+                read_json_config(ds_file),
+                world_size=settings.get("num_processes", 1),
+                num_experts=args.num_experts,
+                source=ds_file,
             )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -31,17 +31,22 @@ NF4_BYTES = 0.5 + 4 / 64  # 4-bit values + one fp32 scale per block of 64 (bitsa
 NF4_NESTED_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # scales quantized to 8 bits, one fp32 per 256 blocks
 KNOWN_CONFIGS = {
     # databricks/dbrx-base and dbrx-instruct config.json values, so hub ids plan without network access.
-    "databricks/dbrx-base": dict(d_model=6144, n_layers=40, n_heads=48, kv_heads=8, vocab=100352, ffn=10752,
-                                 experts=16, top_k=4),
-    "databricks/dbrx-instruct": dict(d_model=6144, n_layers=40, n_heads=48, kv_heads=8, vocab=100352, ffn=10752,
-                                     experts=16, top_k=4),
+    "databricks/dbrx-base": dict(
+        d_model=6144, n_layers=40, n_heads=48, kv_heads=8, vocab=100352, ffn=10752, experts=16, top_k=4
+    ),
+    "databricks/dbrx-instruct": dict(
+        d_model=6144, n_layers=40, n_heads=48, kv_heads=8, vocab=100352, ffn=10752, experts=16, top_k=4
+    ),
     # meta-llama/Llama-2-*-hf config.json values (dense: the MLP is the one "expert" every token uses).
-    "meta-llama/Llama-2-7b-hf": dict(d_model=4096, n_layers=32, n_heads=32, kv_heads=32, vocab=32000, ffn=11008,
-                                     experts=1, top_k=1),
-    "meta-llama/Llama-2-13b-hf": dict(d_model=5120, n_layers=40, n_heads=40, kv_heads=40, vocab=32000, ffn=13824,
-                                      experts=1, top_k=1),
-    "meta-llama/Llama-2-70b-hf": dict(d_model=8192, n_layers=80, n_heads=64, kv_heads=8, vocab=32000, ffn=28672,
-                                      experts=1, top_k=1),
+    "meta-llama/Llama-2-7b-hf": dict(
+        d_model=4096, n_layers=32, n_heads=32, kv_heads=32, vocab=32000, ffn=11008, experts=1, top_k=1
+    ),
+    "meta-llama/Llama-2-13b-hf": dict(
+        d_model=5120, n_layers=40, n_heads=40, kv_heads=40, vocab=32000, ffn=13824, experts=1, top_k=1
+    ),
+    "meta-llama/Llama-2-70b-hf": dict(
+        d_model=8192, n_layers=80, n_heads=64, kv_heads=8, vocab=32000, ffn=28672, experts=1, top_k=1
+    ),
 }
 DENSE_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -102,10 +107,22 @@ class ModelShape:
         """LoRA target -> (copies per layer, in_features, out_features); a copy gets its own rank-r pair."""
         d, kv = self.d_model, self.kv_heads * (self.d_model // self.n_heads)
         if self.is_moe:
-            return {"Wqkv": (1, d, self.qkv_out), "out_proj": (1, d, d), "w1": (self.experts, d, self.ffn),
-                    "v1": (self.experts, d, self.ffn), "w2": (self.experts, self.ffn, d)}
-        return {"q_proj": (1, d, d), "k_proj": (1, d, kv), "v_proj": (1, d, kv), "o_proj": (1, d, d),
-                "gate_proj": (1, d, self.ffn), "up_proj": (1, d, self.ffn), "down_proj": (1, self.ffn, d)}
+            return {
+                "Wqkv": (1, d, self.qkv_out),
+                "out_proj": (1, d, d),
+                "w1": (self.experts, d, self.ffn),
+                "v1": (self.experts, d, self.ffn),
+                "w2": (self.experts, self.ffn, d),
+            }
+        return {
+            "q_proj": (1, d, d),
+            "k_proj": (1, d, kv),
+            "v_proj": (1, d, kv),
+            "o_proj": (1, d, d),
+            "gate_proj": (1, d, self.ffn),
+            "up_proj": (1, d, self.ffn),
+            "down_proj": (1, self.ffn, d),
+        }
 
     def lora_params(self, rank: int, targets: Sequence[str]) -> int:
         """Trainable parameters of rank-`rank` LoRA on `targets`: names from `lora_shapes`, or "router" (trained in
@@ -114,8 +131,9 @@ class ModelShape:
         unknown = sorted(set(targets) - set(shapes) - {"router"})
         if unknown:
             raise ValueError(f"no LoRA target {unknown} in this model; targets are {sorted(shapes)}")
-        per_layer = sum(copies * rank * (fan_in + fan_out) for name, (copies, fan_in, fan_out) in shapes.items()
-                        if name in targets)
+        per_layer = sum(
+            copies * rank * (fan_in + fan_out) for name, (copies, fan_in, fan_out) in shapes.items() if name in targets
+        )
         if "router" in targets:
             per_layer += self.experts * self.d_model
         return self.n_layers * per_layer
@@ -156,9 +174,16 @@ def model_shape(name_or_path: str) -> ModelShape:
     except NotDbrxConfigError:
         return dense_shape(name_or_path)
     ffn = config.ffn_config
-    return ModelShape(d_model=config.d_model, n_layers=config.n_layers, n_heads=config.n_heads,
-                      kv_heads=config.attn_config.kv_n_heads, vocab=config.vocab_size, ffn=ffn.ffn_hidden_size,
-                      experts=ffn.moe_num_experts, top_k=ffn.moe_top_k)
+    return ModelShape(
+        d_model=config.d_model,
+        n_layers=config.n_layers,
+        n_heads=config.n_heads,
+        kv_heads=config.attn_config.kv_n_heads,
+        vocab=config.vocab_size,
+        ffn=ffn.ffn_hidden_size,
+        experts=ffn.moe_num_experts,
+        top_k=ffn.moe_top_k,
+    )
 
 
 def dense_shape(name_or_path: str) -> ModelShape:
@@ -173,10 +198,16 @@ def dense_shape(name_or_path: str) -> ModelShape:
             f"{name_or_path}: model_type {config.model_type!r} is neither DBRX nor a dense Llama-style decoder "
             f"(config lacks {missing or 'nothing, but declares experts'}); the planner knows DBRX and Llama 2 shapes"
         )
-    return ModelShape(d_model=config.hidden_size, n_layers=config.num_hidden_layers,
-                      n_heads=config.num_attention_heads,
-                      kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-                      vocab=config.vocab_size, ffn=config.intermediate_size, experts=1, top_k=1)
+    return ModelShape(
+        d_model=config.hidden_size,
+        n_layers=config.num_hidden_layers,
+        n_heads=config.num_attention_heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        vocab=config.vocab_size,
+        ffn=config.intermediate_size,
+        experts=1,
+        top_k=1,
+    )
 
 
 def lora_targets(recipe_values: dict[str, Any], shape: ModelShape) -> tuple[str, ...]:
@@ -211,8 +242,15 @@ def activation_bytes_per_token_layer(shape: ModelShape) -> int:
     return attention + experts + router_logits
 
 
-def plan(recipe_values: dict[str, Any], shape: ModelShape, *, gpus: int, gpu_memory_gb: float,
-         ds_config: dict[str, Any] | None, recipe: str = "") -> Plan:
+def plan(
+    recipe_values: dict[str, Any],
+    shape: ModelShape,
+    *,
+    gpus: int,
+    gpu_memory_gb: float,
+    ds_config: dict[str, Any] | None,
+    recipe: str = "",
+) -> Plan:
     """Per-GPU memory for `recipe_values` on `gpus` GPUs of `gpu_memory_gb` each, and the smallest count that fits."""
     from dbrx_tune.parallel.zero3 import expert_parallel_size, zero_stage
 
@@ -227,8 +265,10 @@ def plan(recipe_values: dict[str, Any], shape: ModelShape, *, gpus: int, gpu_mem
     checkpointing = bool(recipe_values.get("gradient_checkpointing", False))
 
     if ep > 1 and not shape.is_moe:
-        raise ValueError(f"{recipe or 'recipe'}: the DeepSpeed config asks for expert parallelism (autoep_size {ep}) "
-                         "but the model is dense; remove the expert_parallel block")
+        raise ValueError(
+            f"{recipe or 'recipe'}: the DeepSpeed config asks for expert parallelism (autoep_size {ep}) "
+            "but the model is dense; remove the expert_parallel block"
+        )
     total, experts_layer = shape.total_params, shape.expert_params_per_layer
     rank = int(recipe_values.get("lora_r") or 16)
     trainable = total if method == "full" else shape.lora_params(rank, lora_targets(recipe_values, shape))
@@ -261,27 +301,47 @@ def plan(recipe_values: dict[str, Any], shape: ModelShape, *, gpus: int, gpu_mem
         logits = 3 * 4 * tokens * shape.vocab  # fp32 logits, their gradient and the log-softmax
         full_acts = shape.n_layers * per_layer + logits
         ckpt_acts = shape.n_layers * 2 * shape.d_model * tokens + per_layer + logits
-        return dict(params=params, grads=grads, optimizer=optimizer, working=working,
-                    full=full_acts, ckpt=ckpt_acts)
+        return dict(params=params, grads=grads, optimizer=optimizer, working=working, full=full_acts, ckpt=ckpt_acts)
 
     def total_gb(parts: dict[str, float]) -> float:
         acts = parts["ckpt"] if checkpointing else parts["full"]
-        return (parts["params"] + parts["grads"] + parts["optimizer"] + parts["working"] + acts) / GIB + \
-            FRAMEWORK_OVERHEAD_GB
+        return (
+            parts["params"] + parts["grads"] + parts["optimizer"] + parts["working"] + acts
+        ) / GIB + FRAMEWORK_OVERHEAD_GB
 
     parts = per_gpu(gpus)
     need = total_gb(parts)
-    min_gpus = next((n for n in range(1, 4097) if n % ep == 0 and shape.experts % ep == 0
-                     and total_gb(per_gpu(n)) <= gpu_memory_gb), None)
+    min_gpus = next(
+        (
+            n
+            for n in range(1, 4097)
+            if n % ep == 0 and shape.experts % ep == 0 and total_gb(per_gpu(n)) <= gpu_memory_gb
+        ),
+        None,
+    )
     acts = parts["ckpt"] if checkpointing else parts["full"]
-    return Plan(recipe=recipe, method=method, zero_stage=stage, ep_size=ep, gpus=gpus, gpu_memory_gb=gpu_memory_gb,
-                seq_len=seq, micro_batch=batch, gradient_checkpointing=checkpointing,
-                params_gb=round(parts["params"] / GIB, 2), gradients_gb=round(parts["grads"] / GIB, 2),
-                optimizer_gb=round(parts["optimizer"] / GIB, 2), working_set_gb=round(parts["working"] / GIB, 2),
-                activations_gb=round(acts / GIB, 2),
-                activations_checkpointed_gb=round(parts["ckpt"] / GIB, 2),
-                activations_full_gb=round(parts["full"] / GIB, 2), overhead_gb=FRAMEWORK_OVERHEAD_GB,
-                per_gpu_gb=round(need, 2), fits=need <= gpu_memory_gb, min_gpus=min_gpus)
+    return Plan(
+        recipe=recipe,
+        method=method,
+        zero_stage=stage,
+        ep_size=ep,
+        gpus=gpus,
+        gpu_memory_gb=gpu_memory_gb,
+        seq_len=seq,
+        micro_batch=batch,
+        gradient_checkpointing=checkpointing,
+        params_gb=round(parts["params"] / GIB, 2),
+        gradients_gb=round(parts["grads"] / GIB, 2),
+        optimizer_gb=round(parts["optimizer"] / GIB, 2),
+        working_set_gb=round(parts["working"] / GIB, 2),
+        activations_gb=round(acts / GIB, 2),
+        activations_checkpointed_gb=round(parts["ckpt"] / GIB, 2),
+        activations_full_gb=round(parts["full"] / GIB, 2),
+        overhead_gb=FRAMEWORK_OVERHEAD_GB,
+        per_gpu_gb=round(need, 2),
+        fits=need <= gpu_memory_gb,
+        min_gpus=min_gpus,
+    )
 
 
 def plan_recipe(path: str, *, gpus: int, gpu_memory_gb: float, overrides: dict[str, Any] | None = None) -> Plan:
@@ -297,16 +357,24 @@ def plan_recipe(path: str, *, gpus: int, gpu_memory_gb: float, overrides: dict[s
         raise RecipeError(f"{path}: model_name_or_path is required")
     ds_path = values.get("deepspeed")
     ds_config = read_json_config(ds_path) if isinstance(ds_path, str) else ds_path
-    return plan(values, model_shape(values["model_name_or_path"]), gpus=gpus, gpu_memory_gb=gpu_memory_gb,
-                ds_config=ds_config, recipe=path)
+    return plan(
+        values,
+        model_shape(values["model_name_or_path"]),
+        gpus=gpus,
+        gpu_memory_gb=gpu_memory_gb,
+        ds_config=ds_config,
+        recipe=path,
+    )
 
 
 def _table(result: Plan) -> str:
     rows = [
-        ("recipe", result.recipe), ("method", result.method), ("ZeRO stage / EP size", f"{result.zero_stage} / "
-                                                                                       f"{result.ep_size}"),
+        ("recipe", result.recipe),
+        ("method", result.method),
+        ("ZeRO stage / EP size", f"{result.zero_stage} / {result.ep_size}"),
         ("sequence length x micro-batch", f"{result.seq_len} x {result.micro_batch}"),
-        ("parameters", f"{result.params_gb:.2f} GB"), ("gradients", f"{result.gradients_gb:.2f} GB"),
+        ("parameters", f"{result.params_gb:.2f} GB"),
+        ("gradients", f"{result.gradients_gb:.2f} GB"),
         ("optimizer state", f"{result.optimizer_gb:.2f} GB"),
         ("ZeRO-3 gathered working set", f"{result.working_set_gb:.2f} GB"),
         ("activations, checkpointing", f"{result.activations_checkpointed_gb:.2f} GB"),
@@ -324,8 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dbrx_tune.tools.plan", description=__doc__.split("\n")[0])
     parser.add_argument("recipe")
     parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory", type=float, default=80.0,
-                        help="GiB per GPU (default 80: an H100 80GB has 79.6 GiB); the plan's figures are GiB too")
+    parser.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=80.0,
+        help="GiB per GPU (default 80: an H100 80GB has 79.6 GiB); the plan's figures are GiB too",
+    )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     if args.gpus < 1 or args.gpu_memory <= 0:

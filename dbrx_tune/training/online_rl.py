@@ -47,9 +47,11 @@ def check_rewards(stage_args: OnlineRewardArguments) -> None:
         check_reward_checkpoint(stage_args.reward_model_path)
 
 
-def build_rewards(stage_args: OnlineRewardArguments,
-                  model_args: ModelArguments) -> tuple[list[Any], list[PreTrainedTokenizerBase | None]]:
-    """TRL's `reward_funcs` and `reward_processing_classes`: the reward model (with its own tokenizer), then the rule."""
+def build_rewards(
+    stage_args: OnlineRewardArguments, model_args: ModelArguments
+) -> tuple[list[Any], list[PreTrainedTokenizerBase | None]]:
+    """TRL's `reward_funcs` and `reward_processing_classes`: the reward model (with its own tokenizer), then the
+    rule."""
     check_rewards(stage_args)
     funcs: list[Any] = []
     processing_classes: list[PreTrainedTokenizerBase | None] = []
@@ -63,8 +65,9 @@ def build_rewards(stage_args: OnlineRewardArguments,
 
 
 @contextlib.contextmanager
-def dbrx_reference_builder(trainer_class: type[Trainer], model_args: ModelArguments,
-                           tokenizer: PreTrainedTokenizerBase, seed: int) -> Iterator[None]:
+def dbrx_reference_builder(
+    trainer_class: type[Trainer], model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, seed: int
+) -> Iterator[None]:
     """While `trainer_class` is constructed, its reference model comes from `load_reference_model`.
 
     TRL's trainers build the reference inline in `__init__` through their module's `create_model_from_path`; this
@@ -72,11 +75,19 @@ def dbrx_reference_builder(trainer_class: type[Trainer], model_args: ModelArgume
     (the policy must have been built right after `set_seed(seed)`): a second build, not a copy, because under ZeRO-3
     a deep copy would share the policy's partition bookkeeping.
     """
-    module = next((sys.modules[cls.__module__] for cls in trainer_class.__mro__  # the TRL class among the bases
-                   if hasattr(sys.modules.get(cls.__module__), "create_model_from_path")), None)
+    module = next(
+        (
+            sys.modules[cls.__module__]
+            for cls in trainer_class.__mro__  # the TRL class among the bases
+            if hasattr(sys.modules.get(cls.__module__), "create_model_from_path")
+        ),
+        None,
+    )
     if module is None:
-        raise TypeError(f"{trainer_class.__name__} builds no reference through a TRL module's "
-                        "`create_model_from_path`; pass TRL's GRPOTrainer or RLOOTrainer, or a subclass")
+        raise TypeError(
+            f"{trainer_class.__name__} builds no reference through a TRL module's "
+            "`create_model_from_path`; pass TRL's GRPOTrainer or RLOOTrainer, or a subclass"
+        )
     original = module.create_model_from_path
 
     def build_reference(model_id: str, **_: Any) -> PreTrainedModel:
@@ -91,10 +102,11 @@ def dbrx_reference_builder(trainer_class: type[Trainer], model_args: ModelArgume
         module.create_model_from_path = original
 
 
-def build_online_trainer(trainer_class: type[Trainer], recipe: Recipe, tokenizer: PreTrainedTokenizerBase,
-                         splits: DatasetDict) -> Trainer:
-    """`trainer_class` (TRL's GRPOTrainer or RLOOTrainer, or a subclass such as `dbrx_tune.training.trainers.DbrxGRPOTrainer`)
-    on the recipe's policy, reward and prompt splits."""
+def build_online_trainer(
+    trainer_class: type[Trainer], recipe: Recipe, tokenizer: PreTrainedTokenizerBase, splits: DatasetDict
+) -> Trainer:
+    """`trainer_class` (TRL's GRPOTrainer or RLOOTrainer, or a subclass such as
+    `dbrx_tune.training.trainers.DbrxGRPOTrainer`) on the recipe's policy, reward and prompt splits."""
     args, model_args = recipe.training, recipe.model
     check_rewards(recipe.stage)  # before the policy's weights load
     set_seed(args.seed)

@@ -96,8 +96,13 @@ def build_vibe_checker(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, stage
     """The recipe's vibe checker for a run of `stage` ("sft", "dpo", ...), or None when vibe checks are off."""
     if not recipe.vibes.enabled:
         return None
-    return VibeChecker(load_vibe_prompts(recipe.vibes.vibe_prompts), tokenizer, recipe.vibes,
-                       output_dir=recipe.training.output_dir, stage=stage)
+    return VibeChecker(
+        load_vibe_prompts(recipe.vibes.vibe_prompts),
+        tokenizer,
+        recipe.vibes,
+        output_dir=recipe.training.output_dir,
+        stage=stage,
+    )
 
 
 def add_vibe_checks(trainer: Trainer, recipe: Recipe, stage: str) -> None:
@@ -116,7 +121,9 @@ def check_parallelism(recipe: Recipe, config: PretrainedConfig) -> None:
     model_args = recipe.model
     if not is_dbrx(config):
         if expert_parallel_size(ds_config) > 1:
-            raise ParallelConfigError(f"{source}: expert_parallel needs a mixture-of-experts model, not {config.model_type}")
+            raise ParallelConfigError(
+                f"{source}: expert_parallel needs a mixture-of-experts model, not {config.model_type}"
+            )
         return
     check_parallel_config(
         ds_config,
@@ -140,8 +147,9 @@ def load_stage_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
     )
 
 
-def load_stage_datasets(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase,
-                        max_length: int | None = None) -> datasets.DatasetDict:
+def load_stage_datasets(
+    recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None
+) -> datasets.DatasetDict:
     """Load train/test splits and validate them for a stage of `kind` ("sft", "preference" or "prompt").
 
     Every prompt must leave room for a completion under `max_length`, and with the recipe's `truncation: false`
@@ -156,8 +164,9 @@ def load_stage_datasets(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenize
         raise SystemExit(f"error: {recipe.path}: {err}") from None
 
 
-def _load_and_validate(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase,
-                       max_length: int | None) -> datasets.DatasetDict:
+def _load_and_validate(
+    recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizerBase, max_length: int | None
+) -> datasets.DatasetDict:
     data = recipe.data
     splits = load_splits(
         data.dataset_name,
@@ -171,15 +180,18 @@ def _load_and_validate(recipe: Recipe, kind: str, tokenizer: PreTrainedTokenizer
         seed=recipe.training.seed,
     )
     for split, dataset in splits.items():
-        source = f"{data.eval_dataset_name if split != 'train' and data.eval_dataset_name else data.dataset_name} [{split}]"
+        source = (
+            f"{data.eval_dataset_name if split != 'train' and data.eval_dataset_name else data.dataset_name} [{split}]"
+        )
         VALIDATORS[kind](dataset, source)
         if max_length is not None:
             check_lengths(dataset, tokenizer, max_length, source, allow_truncation=data.truncation)
     return splits
 
 
-def train_and_save(trainer: Trainer, recipe: Recipe, stage: str,
-                   save_model: Callable[[Trainer, str], None] | None = None) -> dict:
+def train_and_save(
+    trainer: Trainer, recipe: Recipe, stage: str, save_model: Callable[[Trainer, str], None] | None = None
+) -> dict:
     """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint, the resolved
     recipe and the metrics.
 

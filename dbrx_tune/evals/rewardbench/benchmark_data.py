@@ -95,13 +95,16 @@ def _as_messages(prompt: Any, where: str) -> Messages:
     if isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "content" in m for m in prompt):
         # RewardBench ignores stored roles and alternates user/assistant starting with user; do the same so
         # scores agree with the official runner.
-        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": str(m["content"])}
-                    for i, m in enumerate(prompt)]
+        messages = [
+            {"role": "user" if i % 2 == 0 else "assistant", "content": str(m["content"])} for i, m in enumerate(prompt)
+        ]
         if messages[-1]["role"] != "user":
             raise ValueError(f"{where}: prompt has {len(messages)} turns; it must end with a user turn")
         return messages
-    raise ValueError(f"{where}: prompt must be a string or a non-empty list of {{role, content}} messages, "
-                     f"got {type(prompt).__name__}")
+    raise ValueError(
+        f"{where}: prompt must be a string or a non-empty list of {{role, content}} messages, "
+        f"got {type(prompt).__name__}"
+    )
 
 
 def _as_text(value: Any, where: str) -> str:
@@ -129,8 +132,9 @@ def detect_schema(table: datasets.Dataset, source: str) -> Schema:
     raise ValueError(f"{source}: column 'chosen' holds {type(first).__name__}; expected str (v1) or list (v2)")
 
 
-def load_benchmark(source: str, schema: Schema | Literal["auto"] = "auto"
-                   ) -> tuple[Schema, list[PairExample] | list[BestOfNExample]]:
+def load_benchmark(
+    source: str, schema: Schema | Literal["auto"] = "auto"
+) -> tuple[Schema, list[PairExample] | list[BestOfNExample]]:
     """Load a RewardBench v1 or v2 dataset and check every row."""
     hub_split = HUB_SPLITS.get(schema) if schema != "auto" else None
     if hub_split is None and not Path(source).exists():
@@ -156,15 +160,21 @@ def load_prior_sets(sources: list[str]) -> list[PairExample]:
             if len(tables) > 1:
                 # One split per set (allenai/pref-test-sets): the split names the set, and a `subset` column inside
                 # it is a finer grouping that RewardBench does not score by.
-                examples.extend(_pairs(table, f"{source}[{name}]", PRIOR_COLUMNS, default_subset=name,
-                                       split_names_subset=True))
+                examples.extend(
+                    _pairs(table, f"{source}[{name}]", PRIOR_COLUMNS, default_subset=name, split_names_subset=True)
+                )
             else:
                 examples.extend(_pairs(table, source, PRIOR_COLUMNS, default_subset=name))
     return examples
 
 
-def _pairs(table: datasets.Dataset, source: str, required: tuple[str, ...], default_subset: str | None,
-           split_names_subset: bool = False) -> list[PairExample]:
+def _pairs(
+    table: datasets.Dataset,
+    source: str,
+    required: tuple[str, ...],
+    default_subset: str | None,
+    split_names_subset: bool = False,
+) -> list[PairExample]:
     _require_columns(table, required, source)
     examples = []
     for index, row in enumerate(table):
@@ -173,13 +183,15 @@ def _pairs(table: datasets.Dataset, source: str, required: tuple[str, ...], defa
         subset = default_subset if split_names_subset else (row.get("subset") or default_subset)
         if not isinstance(subset, str) or not subset:
             raise ValueError(f"{where}: column 'subset' is empty")
-        examples.append(PairExample(
-            id=row_id,
-            subset=subset,
-            prompt=_as_messages(row["prompt"], f"{where}, column 'prompt'"),
-            chosen=_as_text(row["chosen"], f"{where}, column 'chosen'"),
-            rejected=_as_text(row["rejected"], f"{where}, column 'rejected'"),
-        ))
+        examples.append(
+            PairExample(
+                id=row_id,
+                subset=subset,
+                prompt=_as_messages(row["prompt"], f"{where}, column 'prompt'"),
+                chosen=_as_text(row["chosen"], f"{where}, column 'chosen'"),
+                rejected=_as_text(row["rejected"], f"{where}, column 'rejected'"),
+            )
+        )
     return examples
 
 
@@ -195,15 +207,19 @@ def _best_of_n(table: datasets.Dataset, source: str) -> list[BestOfNExample]:
             raise ValueError(f"{where}: num_correct={row['num_correct']} but 'chosen' has {len(chosen)} completions")
         total = row.get("total_completions")
         if total is not None and total != len(chosen) + len(rejected):
-            raise ValueError(f"{where}: total_completions={total} but chosen + rejected hold "
-                             f"{len(chosen) + len(rejected)} completions")
+            raise ValueError(
+                f"{where}: total_completions={total} but chosen + rejected hold "
+                f"{len(chosen) + len(rejected)} completions"
+            )
         if not isinstance(row["subset"], str) or not row["subset"]:
             raise ValueError(f"{where}: column 'subset' is empty")
-        examples.append(BestOfNExample(
-            id=row_id,
-            subset=row["subset"],
-            prompt=_as_messages(row["prompt"], f"{where}, column 'prompt'"),
-            completions=chosen + rejected,
-            num_correct=len(chosen),
-        ))
+        examples.append(
+            BestOfNExample(
+                id=row_id,
+                subset=row["subset"],
+                prompt=_as_messages(row["prompt"], f"{where}, column 'prompt'"),
+                completions=chosen + rejected,
+                num_correct=len(chosen),
+            )
+        )
     return examples

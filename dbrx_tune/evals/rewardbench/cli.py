@@ -43,28 +43,54 @@ logger = logging.getLogger("dbrx_tune.evals.rewardbench.cli")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dbrx_tune.evals.rewardbench", description=__doc__.split("\n\n")[2])
     parser.add_argument("--model", required=True, help="reward model (or DPO policy) directory or hub id")
-    parser.add_argument("--dataset", required=True,
-                        help="RewardBench data: .json/.jsonl/.parquet file, saved dataset directory, or hub id "
-                             "(allenai/reward-bench, allenai/reward-bench-2)")
-    parser.add_argument("--prior-sets", nargs="+", default=None, metavar="FILE_OR_HUB_ID",
-                        help="prior preference sets (v1 only; e.g. allenai/pref-test-sets or one file per set)")
-    parser.add_argument("--schema", choices=("v1", "v2", "auto"), default="auto",
-                        help="dataset layout; auto: v2 when 'chosen' holds lists")
+    parser.add_argument(
+        "--dataset",
+        required=True,
+        help="RewardBench data: .json/.jsonl/.parquet file, saved dataset directory, or hub id "
+        "(allenai/reward-bench, allenai/reward-bench-2)",
+    )
+    parser.add_argument(
+        "--prior-sets",
+        nargs="+",
+        default=None,
+        metavar="FILE_OR_HUB_ID",
+        help="prior preference sets (v1 only; e.g. allenai/pref-test-sets or one file per set)",
+    )
+    parser.add_argument(
+        "--schema",
+        choices=("v1", "v2", "auto"),
+        default="auto",
+        help="dataset layout; auto: v2 when 'chosen' holds lists",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer to use instead of the model's own")
-    parser.add_argument("--model-name", default=None,
-                        help="leaderboard name org/model (default: --model, normalised to org/model)")
+    parser.add_argument(
+        "--model-name", default=None, help="leaderboard name org/model (default: --model, normalised to org/model)"
+    )
     parser.add_argument("--output-dir", default="results", help="where eval-set/ and eval-set-scores/ are written")
     parser.add_argument("--ref-model", default=None, help="reference model: score --model as a DPO policy")
-    parser.add_argument("--reference-free", action="store_true",
-                        help="score --model as a DPO policy without a reference (see --ref-free-norm)")
-    parser.add_argument("--ref-free-norm", choices=("avg", "sum", "norm"), default="avg",
-                        help="reference-free reward: mean (RewardBench's default), sum or -L2 norm of the response "
-                             "log-probs")
+    parser.add_argument(
+        "--reference-free",
+        action="store_true",
+        help="score --model as a DPO policy without a reference (see --ref-free-norm)",
+    )
+    parser.add_argument(
+        "--ref-free-norm",
+        choices=("avg", "sum", "norm"),
+        default="avg",
+        help="reference-free reward: mean (RewardBench's default), sum or -L2 norm of the response log-probs",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=2048, help="tokens per conversation; longer ones lose their "
-                                                                      "oldest tokens (left truncation)")
-    parser.add_argument("--device", default="auto" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda:N, or auto (spread the model over all visible GPUs)")
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=2048,
+        help="tokens per conversation; longer ones lose their oldest tokens (left truncation)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda:N, or auto (spread the model over all visible GPUs)",
+    )
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto")
     args = parser.parse_args(argv)
     if args.ref_model and args.reference_free:
@@ -85,8 +111,7 @@ def load_policy_model(path: str, *, dtype: str, device: str):
     return load_causal_lm(ModelArguments(model_name_or_path=path, dtype=dtype), device_map=device).eval()
 
 
-def build_scorer(args: argparse.Namespace
-                 ) -> tuple[RewardModelScorer | DpoRewardScorer, PreTrainedTokenizerBase, str]:
+def build_scorer(args: argparse.Namespace) -> tuple[RewardModelScorer | DpoRewardScorer, PreTrainedTokenizerBase, str]:
     """(scorer, tokenizer, leaderboard model_type) for the requested kind of model."""
     tokenizer = load_eval_tokenizer(args.model, args.tokenizer)
     if args.ref_model or args.reference_free:
@@ -96,11 +121,21 @@ def build_scorer(args: argparse.Namespace
         if args.ref_model:
             reference = load_policy_model(args.ref_model, dtype=args.dtype, device=args.device)
             check_tokenizer_matches(tokenizer, reference, args.ref_model)
-        scorer = DpoRewardScorer(policy, tokenizer, reference=reference, ref_free_norm=args.ref_free_norm,
-                                 batch_size=args.batch_size, max_length=args.max_length)
+        scorer = DpoRewardScorer(
+            policy,
+            tokenizer,
+            reference=reference,
+            ref_free_norm=args.ref_free_norm,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
         return scorer, tokenizer, MODEL_TYPE_DPO if reference is not None else MODEL_TYPE_DPO_REF_FREE
-    model = load_reward_model(args.model, ModelArguments(model_name_or_path=args.model, dtype=args.dtype),
-                              device_map=args.device, hint=NOT_A_REWARD_MODEL)
+    model = load_reward_model(
+        args.model,
+        ModelArguments(model_name_or_path=args.model, dtype=args.dtype),
+        device_map=args.device,
+        hint=NOT_A_REWARD_MODEL,
+    )
     check_tokenizer_matches(tokenizer, model, args.model)
     scorer = RewardModelScorer(model, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     return scorer, tokenizer, MODEL_TYPE_CLASSIFIER
@@ -126,14 +161,28 @@ def run(args: argparse.Namespace) -> SectionReport:
         report = v2_sections(main.accuracies)
 
     ref_model = args.ref_model
-    write_leaderboard_files(args.output_dir, model_name, model_type=model_type, accuracies=main.accuracies,
-                            scores_table=main.table, ref_model=ref_model)
+    write_leaderboard_files(
+        args.output_dir,
+        model_name,
+        model_type=model_type,
+        accuracies=main.accuracies,
+        scores_table=main.table,
+        ref_model=ref_model,
+    )
     if prior is not None:
-        write_leaderboard_files(args.output_dir, model_name, model_type=model_type, accuracies=prior.accuracies,
-                                scores_table=prior.table, ref_model=ref_model, prior_sets=True)
+        write_leaderboard_files(
+            args.output_dir,
+            model_name,
+            model_type=model_type,
+            accuracies=prior.accuracies,
+            scores_table=prior.table,
+            ref_model=ref_model,
+            prior_sets=True,
+        )
     if report.unknown:
-        logger.warning("subsets outside RewardBench's sections (scored, reported separately): %s",
-                       ", ".join(report.unknown))
+        logger.warning(
+            "subsets outside RewardBench's sections (scored, reported separately): %s", ", ".join(report.unknown)
+        )
     if report.missing:
         logger.warning("official subsets missing from the dataset: %s", ", ".join(report.missing))
     title = f"{'RewardBench' if schema == 'v1' else 'RewardBench 2'}: {model_name} ({model_type})"

@@ -1,7 +1,8 @@
 """Running a scorer over RewardBench examples and turning the scores into per-example results and accuracies.
 
-A scorer is anything with `score(prompts, responses, desc) -> list[float]` (see `dbrx_tune.evals.rewardbench.scoring`). The
-per-example table has the columns of RewardBench's own scores files, so `dbrx_tune.evals.rewardbench.export` writes it as is.
+A scorer is anything with `score(prompts, responses, desc) -> list[float]` (`dbrx_tune.rewards.RewardModelScorer`,
+`dbrx_tune.evals.rewardbench.scoring.DpoRewardScorer`). The per-example table has the columns of RewardBench's own
+scores files, so `dbrx_tune.evals.rewardbench.export` writes it as is.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class EvalResult:
     table: dict[str, list[Any]]
 
 
-def evaluate_pairs(scorer: Scorer, tokenizer: PreTrainedTokenizerBase, examples: Sequence[PairExample],
-                   desc: str = "RewardBench") -> EvalResult:
+def evaluate_pairs(
+    scorer: Scorer, tokenizer: PreTrainedTokenizerBase, examples: Sequence[PairExample], desc: str = "RewardBench"
+) -> EvalResult:
     """Score chosen and rejected of every pair; a pair is won only when chosen scores strictly higher."""
     prompts = [e.prompt for e in examples]
     chosen = scorer.score(prompts, [e.chosen for e in examples], desc=f"{desc} chosen")
@@ -58,8 +60,9 @@ def evaluate_pairs(scorer: Scorer, tokenizer: PreTrainedTokenizerBase, examples:
     return EvalResult(accuracies=subset_accuracies(subsets, results), table=table)
 
 
-def evaluate_best_of_n(scorer: Scorer, tokenizer: PreTrainedTokenizerBase, examples: Sequence[BestOfNExample],
-                       desc: str = "RewardBench 2") -> EvalResult:
+def evaluate_best_of_n(
+    scorer: Scorer, tokenizer: PreTrainedTokenizerBase, examples: Sequence[BestOfNExample], desc: str = "RewardBench 2"
+) -> EvalResult:
     """Score every completion; best-of-n credit per prompt, and the Ties subset's own score."""
     flat_prompts = [e.prompt for e in examples for _ in e.completions]
     flat_responses = [c for e in examples for c in e.completions]
@@ -79,8 +82,9 @@ def evaluate_best_of_n(scorer: Scorer, tokenizer: PreTrainedTokenizerBase, examp
     )
     if any(is_ties):
         ties = [(e, s) for e, s, tie in zip(examples, scores, is_ties, strict=True) if tie]
-        accuracies[V2_TIES_SUBSET] = ties_score([e.id for e, _ in ties], [s for _, s in ties],
-                                                [e.num_correct for e, _ in ties])
+        accuracies[V2_TIES_SUBSET] = ties_score(
+            [e.id for e, _ in ties], [s for _, s in ties], [e.num_correct for e, _ in ties]
+        )
     table = {
         "text": [[format_conversation(tokenizer, e.prompt, c) for c in e.completions] for e in examples],
         "scores": scores,

@@ -43,8 +43,9 @@ def normalize_model_name(name: str) -> str:
     if len(parts) == 2 and name.count("/") == 1:
         return name
     fixed = f"{DEFAULT_ORG}/{parts[0]}" if len(parts) == 1 else f"{parts[-2]}/{parts[-1]}"
-    logger.warning("model name %r is not of the form org/model; results are saved as %r (set --model-name to choose)",
-                   name, fixed)
+    logger.warning(
+        "model name %r is not of the form org/model; results are saved as %r (set --model-name to choose)", name, fixed
+    )
     return fixed
 
 
@@ -55,8 +56,9 @@ def _write(path: Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def leaderboard_paths(output_dir: str | Path, model_name: str, *, prior_sets: bool = False,
-                      ref_free: bool = False) -> tuple[Path, Path]:
+def leaderboard_paths(
+    output_dir: str | Path, model_name: str, *, prior_sets: bool = False, ref_free: bool = False
+) -> tuple[Path, Path]:
     """(accuracies file, per-example scores file) for `model_name` (already normalised)."""
     stem = model_name + (REF_FREE_SUFFIX if ref_free else "")
     results_dir, scores_dir = ("pref-sets", "pref-sets-scores") if prior_sets else ("eval-set", "eval-set-scores")
@@ -64,19 +66,30 @@ def leaderboard_paths(output_dir: str | Path, model_name: str, *, prior_sets: bo
     return root / results_dir / f"{stem}.json", root / scores_dir / f"{stem}.json"
 
 
-def write_leaderboard_files(output_dir: str | Path, model_name: str, *, model_type: str,
-                            accuracies: Mapping[str, float], scores_table: Mapping[str, list],
-                            ref_model: str | None = None, prior_sets: bool = False) -> tuple[Path, Path]:
+def write_leaderboard_files(
+    output_dir: str | Path,
+    model_name: str,
+    *,
+    model_type: str,
+    accuracies: Mapping[str, float],
+    scores_table: Mapping[str, list],
+    ref_model: str | None = None,
+    prior_sets: bool = False,
+) -> tuple[Path, Path]:
     """Write the accuracies and the per-example scores of one run; returns both paths."""
-    header: dict[str, Any] = {"model": model_name, "model_type": model_type,
-                              "chat_template": CHAT_TEMPLATE_FROM_TOKENIZER}
+    header: dict[str, Any] = {
+        "model": model_name,
+        "model_type": model_type,
+        "chat_template": CHAT_TEMPLATE_FROM_TOKENIZER,
+    }
     if model_type != MODEL_TYPE_CLASSIFIER:
         header["ref_model"] = ref_model
     clash = set(header) & set(accuracies)
     if clash:
         raise ValueError(f"subset name(s) {sorted(clash)} collide with the leaderboard's metadata keys")
-    results_path, scores_path = leaderboard_paths(output_dir, model_name, prior_sets=prior_sets,
-                                                  ref_free=model_type == MODEL_TYPE_DPO_REF_FREE)
+    results_path, scores_path = leaderboard_paths(
+        output_dir, model_name, prior_sets=prior_sets, ref_free=model_type == MODEL_TYPE_DPO_REF_FREE
+    )
     _write(results_path, {**header, **accuracies})
     scores_header = {k: header[k] for k in ("model", "model_type", "chat_template")}
     _write(scores_path, {**scores_table, **scores_header})
@@ -101,6 +114,7 @@ def format_section_table(report: SectionReport, title: str) -> str:
         for name, score in report.unknown.items():
             lines.append(f"  {name:<{width}}{100 * score:6.2f}")
     if report.missing:
-        lines.append("Not in the dataset (scores are not comparable with the leaderboard): "
-                     + ", ".join(report.missing))
+        lines.append(
+            "Not in the dataset (scores are not comparable with the leaderboard): " + ", ".join(report.missing)
+        )
     return "\n".join(lines)

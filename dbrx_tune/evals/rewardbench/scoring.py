@@ -30,9 +30,16 @@ RefFreeNorm = Literal["avg", "sum", "norm"]
 class DpoRewardScorer:
     """Scores conversations with a DPO policy's implicit reward (reference model given) or a reference-free variant."""
 
-    def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
-                 reference: PreTrainedModel | None = None, ref_free_norm: RefFreeNorm = "avg",
-                 batch_size: int = 8, max_length: int = 2048):
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        reference: PreTrainedModel | None = None,
+        ref_free_norm: RefFreeNorm = "avg",
+        batch_size: int = 8,
+        max_length: int = 2048,
+    ):
         if ref_free_norm not in ("avg", "sum", "norm"):
             raise ValueError(f"ref_free_norm must be avg, sum or norm; got {ref_free_norm!r}")
         self.policy = policy.eval()
@@ -53,7 +60,7 @@ class DpoRewardScorer:
             full = format_conversation(self.tokenizer, prompt, response)
             head = self._prompt_prefix(prompt, full, index)
             prompt_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
-            response_ids = self.tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]
+            response_ids = self.tokenizer(full[len(head) :], add_special_tokens=False)["input_ids"]
             if not response_ids:
                 raise ValueError(f"conversation {index}: the response renders to no tokens")
             ids = left_truncate(prompt_ids + response_ids, self.max_length)
@@ -73,8 +80,9 @@ class DpoRewardScorer:
         )
 
     @staticmethod
-    def _response_logps(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        response_mask: torch.Tensor) -> torch.Tensor:
+    def _response_logps(
+        model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor
+    ) -> torch.Tensor:
         """(batch, seq - 1) log-probabilities of each next token, zero outside the response, on the CPU.
 
         Inputs go to the model's device, so policy and reference may sit on different GPUs.

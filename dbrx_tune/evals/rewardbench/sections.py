@@ -75,15 +75,24 @@ PRIOR_SETS_SECTION = "Prior Sets"
 PRIOR_SETS_IN_SCORE: tuple[str, ...] = ("anthropic_helpful", "anthropic_hhh", "shp", "summarize")
 PRIOR_SETS_KNOWN: tuple[str, ...] = PRIOR_SETS_IN_SCORE + ("anthropic_harmless", "mtbench_gpt4", "mtbench_human")
 SECTION_WEIGHTS: dict[str, float] = {
-    "Chat": 2.0, "Chat Hard": 2.0, "Safety": 2.0, "Reasoning": 2.0, PRIOR_SETS_SECTION: 1.0,
+    "Chat": 2.0,
+    "Chat Hard": 2.0,
+    "Safety": 2.0,
+    "Reasoning": 2.0,
+    PRIOR_SETS_SECTION: 1.0,
 }
 
 V2_SUBSETS: tuple[str, ...] = ("Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties")
 V2_TIES_SUBSET = "Ties"
 
 # Weights of the Ties score's terms (rewardbench/utils.py::process_single_model).
-TIES_WEIGHTS = {"tied_accuracy": 0.30, "ref_accuracy": 0.30, "correctness_preferred": 0.20,
-                "correctness_preferred_hard": 0.20, "correctness_margin": 0.01}
+TIES_WEIGHTS = {
+    "tied_accuracy": 0.30,
+    "ref_accuracy": 0.30,
+    "correctness_preferred": 0.20,
+    "correctness_preferred_hard": 0.20,
+    "correctness_margin": 0.01,
+}
 
 
 def pairwise_result(score_chosen: float, score_rejected: float) -> int:
@@ -177,8 +186,10 @@ class _PromptStats:
 def _prompt_stats(scores: Sequence[float], num_correct: int, row_id: str) -> _PromptStats:
     correct, incorrect = list(scores[:num_correct]), list(scores[num_correct:])
     if not correct or not incorrect:
-        raise ValueError(f"Ties row id={row_id!r}: needs at least one correct and one incorrect completion, got "
-                         f"{len(correct)} correct and {len(incorrect)} incorrect")
+        raise ValueError(
+            f"Ties row id={row_id!r}: needs at least one correct and one incorrect completion, got "
+            f"{len(correct)} correct and {len(incorrect)} incorrect"
+        )
     margin = min(correct) - max(incorrect)
     spread = max(correct) - min(correct) if len(correct) > 1 else None
     return _PromptStats(accurate=margin > 0, correct_spread=spread, correct_incorrect_margin=margin)
@@ -210,8 +221,9 @@ def ties_score(ids: Sequence[str], scores: Sequence[Sequence[float]], num_correc
         if tied[prompt].correct_spread is None:
             raise ValueError(f"Ties row id='tied:{prompt}': a tied prompt needs at least two correct completions")
     if len(paired) < len(set(ref) | set(tied)):
-        logger.warning("Ties: %d prompts lack a ref or tied row; they count for accuracy only",
-                       len(set(ref) ^ set(tied)))
+        logger.warning(
+            "Ties: %d prompts lack a ref or tied row; they count for accuracy only", len(set(ref) ^ set(tied))
+        )
 
     preferred, preferred_hard, margin_terms = [], [], []
     for prompt in paired:

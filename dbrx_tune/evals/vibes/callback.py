@@ -69,8 +69,14 @@ class TrainerHost:
         for name, value in flow.items():
             setattr(trainer.control, name, value)
         # After `log`: the TensorBoard callback opens its writer on the first log if it has none.
-        writer = next((callback.tb_writer for callback in trainer.callback_handler.callbacks
-                       if isinstance(callback, TensorBoardCallback)), None)
+        writer = next(
+            (
+                callback.tb_writer
+                for callback in trainer.callback_handler.callbacks
+                if isinstance(callback, TensorBoardCallback)
+            ),
+            None,
+        )
         if writer is None:
             return
         for tag, text in result.answer_texts().items():
@@ -139,7 +145,8 @@ class VibeCallback(TrainerCallback):
         if not self.schedule.due(step, *events):
             return
         model = self.host.generating_model()
-        result = self.checker.run(model, step, is_main=self.host.is_main(), every_rank=needs_every_rank(model),
-                                  engine=self.host.engine())
+        result = self.checker.run(
+            model, step, is_main=self.host.is_main(), every_rank=needs_every_rank(model), engine=self.host.engine()
+        )
         if result is not None:
             self.host.log_result(result)

@@ -59,8 +59,14 @@ def category_scalars(records: list[VibeRecord]) -> dict[str, float]:
 class VibeChecker:
     """Answers and scores a fixed prompt set for one run (`stage` and `output_dir` go into every record)."""
 
-    def __init__(self, prompts: list[VibePrompt], tokenizer: PreTrainedTokenizerBase, settings: VibeArguments,
-                 output_dir: str, stage: str):
+    def __init__(
+        self,
+        prompts: list[VibePrompt],
+        tokenizer: PreTrainedTokenizerBase,
+        settings: VibeArguments,
+        output_dir: str,
+        stage: str,
+    ):
         self.prompts = prompts
         self.tokenizer = tokenizer
         self.settings = settings
@@ -80,8 +86,9 @@ class VibeChecker:
         user = [{"role": "user", "content": prompt.prompt}]
         return ([{"role": "system", "content": system}] if system else []) + user
 
-    def run(self, model: nn.Module, step: int, *, is_main: bool, every_rank: bool,
-            engine: Any = None) -> VibeCheckResult | None:
+    def run(
+        self, model: nn.Module, step: int, *, is_main: bool, every_rank: bool, engine: Any = None
+    ) -> VibeCheckResult | None:
         """Check `model` at `step`. Generates on the main process, or on every rank when `every_rank` (partitioned
         weights, see `generation.needs_every_rank`); returns the result on the main process, None elsewhere.
         `engine` is the DeepSpeed engine training `model`, if any (see `generation.training_state_kept`)."""
@@ -91,18 +98,26 @@ class VibeChecker:
         settings = self.settings
         with training_state_kept(model, engine):
             outputs = generate_answers(
-                model, self.tokenizer, [self.conversation(prompt) for prompt in self.prompts],
-                max_new_tokens=settings.vibe_max_new_tokens, do_sample=settings.vibe_do_sample,
-                batch_size=settings.vibe_batch_size, synced_gpus=every_rank,
+                model,
+                self.tokenizer,
+                [self.conversation(prompt) for prompt in self.prompts],
+                max_new_tokens=settings.vibe_max_new_tokens,
+                do_sample=settings.vibe_do_sample,
+                batch_size=settings.vibe_batch_size,
+                synced_gpus=every_rank,
             )
         if not is_main:
             return None
         records = [self._record(prompt, answer, error, step) for prompt, (answer, error) in zip(self.prompts, outputs)]
         self._append(records)
         result = VibeCheckResult(step=step, records=records, scalars=category_scalars(records))
-        logger.info("vibe check at step %d: %d prompts in %.1f s; %s", step, len(records),
-                    time.perf_counter() - started,
-                    ", ".join(f"{name} {value:.2f}" for name, value in result.scalars.items()) or "no answers")
+        logger.info(
+            "vibe check at step %d: %d prompts in %.1f s; %s",
+            step,
+            len(records),
+            time.perf_counter() - started,
+            ", ".join(f"{name} {value:.2f}" for name, value in result.scalars.items()) or "no answers",
+        )
         return result
 
     def _record(self, prompt: VibePrompt, answer: str, error: str | None, step: int) -> VibeRecord:
@@ -110,9 +125,16 @@ class VibeChecker:
         if error is not None:
             logger.warning("vibe check at step %d: prompt %r failed: %s", step, prompt.id, error)
         return VibeRecord(
-            step=step, prompt_id=prompt.id, category=prompt.category, prompt=prompt.prompt, answer=answer,
+            step=step,
+            prompt_id=prompt.id,
+            category=prompt.category,
+            prompt=prompt.prompt,
+            answer=answer,
             scores={} if error is not None else score_answer(prompt, answer, system),
-            system_prompt=system, stage=self.stage, run=self.run_name, error=error,
+            system_prompt=system,
+            stage=self.stage,
+            run=self.run_name,
+            error=error,
         )
 
     def _append(self, records: list[VibeRecord]) -> None:

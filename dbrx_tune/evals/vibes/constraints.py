@@ -67,8 +67,9 @@ def check_argument_problem(name: str, value: Any) -> str | None:
         return f"check {name!r} takes a whole number >= 0, got {value!r}"
     if kind is str and (not isinstance(value, str) or not value.strip()):
         return f"check {name!r} takes a non-empty string, got {value!r}"
-    if kind is list and (not isinstance(value, list) or not value
-                         or not all(isinstance(item, str) and item for item in value)):
+    if kind is list and (
+        not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value)
+    ):
         return f"check {name!r} takes a non-empty list of non-empty strings, got {value!r}"
     return None
 

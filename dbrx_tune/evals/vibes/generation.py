@@ -60,8 +60,9 @@ def needs_every_rank(model: nn.Module) -> bool:
     DeepSpeed AutoEP layers, whose forward exchanges tokens with the other ranks of the EP group by all-to-all at any
     ZeRO stage (the main process generating alone would wait there while the others go on training)."""
     world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return world_size > 1 and (is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model)
-                               or has_autoep_layers(model, min_ep_size=2))
+    return world_size > 1 and (
+        is_deepspeed_zero3_enabled() or is_fsdp_managed_module(model) or has_autoep_layers(model, min_ep_size=2)
+    )
 
 
 def forget_zero3_trace(engine: Any) -> None:
@@ -84,12 +85,17 @@ def forget_zero3_trace(engine: Any) -> None:
 def training_state_kept(model: nn.Module, engine: Any = None) -> Iterator[None]:
     """Eval mode, no gradients and router logits off inside; RNG, modes and config restored after, and the
     ZeRO-3 fetch trace of `engine` (the DeepSpeed engine training `model`, if any) forgotten."""
-    rng = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-           torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    rng = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+    )
     modes = [(module, module.training) for module in model.modules()]
     config = base_config(model)
-    saved_config = {name: getattr(config, name) for name in ("use_cache", "output_router_logits")
-                    if hasattr(config, name)}
+    saved_config = {
+        name: getattr(config, name) for name in ("use_cache", "output_router_logits") if hasattr(config, name)
+    }
     try:
         model.eval()
         if "output_router_logits" in saved_config:
@@ -109,9 +115,16 @@ def training_state_kept(model: nn.Module, engine: Any = None) -> Iterator[None]:
             torch.cuda.set_rng_state_all(rng[3])
 
 
-def generate_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, conversations: list[Conversation], *,
-                     max_new_tokens: int, do_sample: bool, batch_size: int,
-                     synced_gpus: bool) -> list[tuple[str, str | None]]:
+def generate_answers(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[Conversation],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    batch_size: int,
+    synced_gpus: bool,
+) -> list[tuple[str, str | None]]:
     """(answer, error) per conversation, generated in left-padded batches; call inside `training_state_kept`.
 
     A batch that fails is retried one conversation at a time, so one bad prompt costs only its own answer; an
@@ -120,18 +133,25 @@ def generate_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, conve
     failing alone, e.g. out of memory on one GPU, leaves the others waiting in the collective).
     """
     generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=1, use_cache=True,
-        eos_token_id=model.generation_config.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     results: list[tuple[str, str | None]] = []
     for start in range(0, len(conversations), batch_size):
-        batch = conversations[start:start + batch_size]
+        batch = conversations[start : start + batch_size]
         try:
             answers = _generate(model, tokenizer, batch, generation_config, synced_gpus)
             results.extend((answer, None) for answer in answers)
         except Exception as batch_error:  # noqa: BLE001 - a vibe check must never stop training
-            logger.warning("vibe generation failed for a batch of %d prompts (%s); retrying one by one",
-                           len(batch), _describe(batch_error))
+            logger.warning(
+                "vibe generation failed for a batch of %d prompts (%s); retrying one by one",
+                len(batch),
+                _describe(batch_error),
+            )
             for conversation in batch:
                 try:
                     answer = _generate(model, tokenizer, [conversation], generation_config, synced_gpus)[0]
@@ -141,15 +161,22 @@ def generate_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, conve
     return results
 
 
-def _generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, batch: list[Conversation],
-              generation_config: GenerationConfig, synced_gpus: bool) -> list[str]:
-    texts = [tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-             for conversation in batch]
+def _generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: list[Conversation],
+    generation_config: GenerationConfig,
+    synced_gpus: bool,
+) -> list[str]:
+    texts = [
+        tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        for conversation in batch
+    ]
     # The chat template writes the special tokens itself; left padding keeps every prompt's end at the same column.
     inputs = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
     inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
     output = model.generate(**inputs, generation_config=generation_config, synced_gpus=synced_gpus)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    new_tokens = output[:, inputs["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 

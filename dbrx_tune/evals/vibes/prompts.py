@@ -79,7 +79,8 @@ def load_vibe_prompts(source: str) -> list[VibePrompt]:
         prompt = _validate_row(row, f"vibe_prompts: {path} {where}")
         if prompt.id in seen:
             raise VibePromptError(
-                f"vibe_prompts: {path} {where}: id {prompt.id!r} is already used at {seen[prompt.id]}")
+                f"vibe_prompts: {path} {where}: id {prompt.id!r} is already used at {seen[prompt.id]}"
+            )
         seen[prompt.id] = where
         prompts.append(prompt)
     return prompts
@@ -111,8 +112,10 @@ def _yaml_rows(path: str) -> list[tuple[str, Any]]:
         return []
     if not isinstance(values, list):
         raise VibePromptError(f"vibe_prompts: {path}: expected a YAML list of prompts, got {type(values).__name__}")
-    return [(f"item {index} (line {item.start_mark.line + 1})", value)
-            for index, (item, value) in enumerate(zip(node.value, values), start=1)]
+    return [
+        (f"item {index} (line {item.start_mark.line + 1})", value)
+        for index, (item, value) in enumerate(zip(node.value, values), start=1)
+    ]
 
 
 def _validate_row(row: Any, where: str) -> VibePrompt:
@@ -141,8 +144,11 @@ def _validate_row(row: Any, where: str) -> VibePrompt:
     prompt = VibePrompt(id=row["id"], category=category, prompt=row["prompt"], system_prompt=system_prompt)
     if category == "knowledge":
         expected = row["expected"]
-        if not isinstance(expected, list) or not expected or not all(
-                isinstance(item, str) and item.strip() for item in expected):
+        if (
+            not isinstance(expected, list)
+            or not expected
+            or not all(isinstance(item, str) and item.strip() for item in expected)
+        ):
             raise VibePromptError(f"{where}: field 'expected' must be a non-empty list of non-empty strings")
         return replace(prompt, expected=tuple(expected))
     if category == "constraint":

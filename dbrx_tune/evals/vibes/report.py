@@ -33,7 +33,8 @@ class VibesInputError(ValueError):
 
 
 _REQUIRED_FIELDS = tuple(
-    f.name for f in dataclasses.fields(VibeRecord)
+    f.name
+    for f in dataclasses.fields(VibeRecord)
     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 )
 _OPTIONAL_TEXT_FIELDS = ("system_prompt", "stage", "run", "error")
@@ -213,10 +214,14 @@ def prompts_by_category(runs: list[Run]) -> dict[str, list[Prompt]]:
     found: dict[str, Prompt] = {}
     for run in runs:
         for record in run.records:
-            found.setdefault(record.prompt_id, Prompt(record.prompt_id, record.category, record.prompt,
-                                                      record.system_prompt))
-    return {category: [p for p in found.values() if p.category == category]
-            for category in CATEGORIES if any(p.category == category for p in found.values())}
+            found.setdefault(
+                record.prompt_id, Prompt(record.prompt_id, record.category, record.prompt, record.system_prompt)
+            )
+    return {
+        category: [p for p in found.values() if p.category == category]
+        for category in CATEGORIES
+        if any(p.category == category for p in found.values())
+    }
 
 
 def score_curves(runs: list[Run]) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -330,23 +335,31 @@ def render_report(runs: list[Run], *, by: str | None = None, step: int | None = 
     prompts = prompts_by_category(runs)
     curves = score_curves(runs)
     title = "Vibe checks: " + ", ".join(run.name for run in runs)
-    body = "\n".join([
-        f"<h1>{_esc(title)}</h1>",
-        _summary(runs, prompts, curves, layout),
-        _curves_section(curves, _line_styles(runs)),
-        _answers_section(columns, prompts, layout),
-    ])
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_esc(title)}</title>\n'
-            f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    body = "\n".join(
+        [
+            f"<h1>{_esc(title)}</h1>",
+            _summary(runs, prompts, curves, layout),
+            _curves_section(curves, _line_styles(runs)),
+            _answers_section(columns, prompts, layout),
+        ]
+    )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">\n<title>{_esc(title)}</title>\n'
+        f"<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
 
 
 def _metric(category: str) -> str:
     return CATEGORY_METRIC[category].replace("_", " ")
 
 
-def _summary(runs: list[Run], prompts: dict[str, list[Prompt]], curves: dict[str, dict[str, list[tuple[int, float]]]],
-             layout: str) -> str:
+def _summary(
+    runs: list[Run],
+    prompts: dict[str, list[Prompt]],
+    curves: dict[str, dict[str, list[tuple[int, float]]]],
+    layout: str,
+) -> str:
     counts = ", ".join(f"{category} {len(items)}" for category, items in prompts.items())
     total = sum(len(items) for items in prompts.values())
     columns = "one column per check of each run" if layout == "step" else "one column per run"
@@ -355,17 +368,22 @@ def _summary(runs: list[Run], prompts: dict[str, list[Prompt]], curves: dict[str
     for run in runs:
         latest = {category: dict(by_run.get(run.name, [])).get(run.steps[-1]) for category, by_run in curves.items()}
         stages = sorted({record.stage for record in run.records if record.stage})
-        scores = "".join(f'<td class="num">{latest[c]:.2f}</td>' if latest.get(c) is not None else "<td>–</td>"
-                         for c in prompts)
-        rows.append(f"<tr><td><b>{_esc(run.name)}</b><div class='source'>{_esc(run.source)}</div></td>"
-                    f"<td>{_esc(', '.join(stages) or '–')}</td><td class='num'>{_esc(_step_list(run.steps))}</td>"
-                    f"{scores}</tr>")
-    return (f'<section id="summary"><p class="subtitle">{len(runs)} run{"s" * (len(runs) != 1)} · '
-            f"{total} prompt{'s' * (total != 1)} ({_esc(counts)}) · {columns}</p>"
-            f'<table class="summary"><thead><tr><th>run</th><th>stage</th><th>checks at steps</th>{head}</tr>'
-            f"</thead><tbody>{''.join(rows)}</tbody></table>"
-            '<p class="note">Scores are the mean primary score of each run\'s last check; '
-            "answers that failed to generate are left out.</p></section>")
+        scores = "".join(
+            f'<td class="num">{latest[c]:.2f}</td>' if latest.get(c) is not None else "<td>–</td>" for c in prompts
+        )
+        rows.append(
+            f"<tr><td><b>{_esc(run.name)}</b><div class='source'>{_esc(run.source)}</div></td>"
+            f"<td>{_esc(', '.join(stages) or '–')}</td><td class='num'>{_esc(_step_list(run.steps))}</td>"
+            f"{scores}</tr>"
+        )
+    return (
+        f'<section id="summary"><p class="subtitle">{len(runs)} run{"s" * (len(runs) != 1)} · '
+        f"{total} prompt{'s' * (total != 1)} ({_esc(counts)}) · {columns}</p>"
+        f'<table class="summary"><thead><tr><th>run</th><th>stage</th><th>checks at steps</th>{head}</tr>'
+        f"</thead><tbody>{''.join(rows)}</tbody></table>"
+        '<p class="note">Scores are the mean primary score of each run\'s last check; '
+        "answers that failed to generate are left out.</p></section>"
+    )
 
 
 @dataclass(frozen=True)
@@ -379,8 +397,10 @@ _RUN_DASHES = ("", "7 4", "2 3", "10 3 2 3")
 
 
 def _line_styles(runs: list[Run]) -> dict[str, _LineStyle]:
-    return {run.name: _LineStyle(_RUN_COLOURS[i % len(_RUN_COLOURS)], _RUN_DASHES[i % len(_RUN_DASHES)],
-                                 max(2.0, 4.5 - i)) for i, run in enumerate(runs)}
+    return {
+        run.name: _LineStyle(_RUN_COLOURS[i % len(_RUN_COLOURS)], _RUN_DASHES[i % len(_RUN_DASHES)], max(2.0, 4.5 - i))
+        for i, run in enumerate(runs)
+    }
 
 
 def _curves_section(curves: dict[str, dict[str, list[tuple[int, float]]]], styles: dict[str, _LineStyle]) -> str:
@@ -390,8 +410,10 @@ def _curves_section(curves: dict[str, dict[str, list[tuple[int, float]]]], style
         for name, style in styles.items()
     )
     charts = "".join(_chart(category, by_run, styles) for category, by_run in curves.items())
-    return (f'<section id="curves"><h2>Score curves</h2><p class="note">Mean primary score of each check, '
-            f'per category.</p><div class="legend">{legend}</div><div class="charts">{charts}</div></section>')
+    return (
+        f'<section id="curves"><h2>Score curves</h2><p class="note">Mean primary score of each check, '
+        f'per category.</p><div class="legend">{legend}</div><div class="charts">{charts}</div></section>'
+    )
 
 
 def _chart(category: str, by_run: dict[str, list[tuple[int, float]]], styles: dict[str, _LineStyle]) -> str:
@@ -408,54 +430,75 @@ def _chart(category: str, by_run: dict[str, list[tuple[int, float]]], styles: di
         return top + (1 - value) * plot_h
 
     ticks = steps if len(steps) <= 6 else sorted({round(low + i * (high - low) / 4) for i in range(5)})
-    parts = [f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-             f'aria-label="{_esc(category)} {_esc(_metric(category))} by step">']
+    parts = [
+        f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{_esc(category)} {_esc(_metric(category))} by step">'
+    ]
     for value in (0, 0.25, 0.5, 0.75, 1):
-        parts.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(value):.1f}" y2="{y(value):.1f}"/>'
-                     f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:g}</text>')
+        parts.append(
+            f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(value):.1f}" y2="{y(value):.1f}"/>'
+            f'<text x="{left - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:g}</text>'
+        )
     parts.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{y(0):.1f}" y2="{y(0):.1f}"/>')
     for tick in ticks:
-        parts.append(f'<line class="axis" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{y(0):.1f}" y2="{y(0) + 4:.1f}"/>'
-                     f'<text x="{x(tick):.1f}" y="{y(0) + 16:.1f}" text-anchor="middle">{tick}</text>')
-    parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">step</text>'
-                 f'<text transform="translate(12 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
-                 f"{_esc(_metric(category))}</text>")
+        parts.append(
+            f'<line class="axis" x1="{x(tick):.1f}" x2="{x(tick):.1f}" y1="{y(0):.1f}" y2="{y(0) + 4:.1f}"/>'
+            f'<text x="{x(tick):.1f}" y="{y(0) + 16:.1f}" text-anchor="middle">{tick}</text>'
+        )
+    parts.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">step</text>'
+        f'<text transform="translate(12 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
+        f"{_esc(_metric(category))}</text>"
+    )
     for name, points in by_run.items():
         style = styles[name]
         path = " ".join(f"{x(step):.1f},{y(value):.1f}" for step, value in points)
-        parts.append(f'<polyline fill="none" stroke="{style.colour}" stroke-width="2" '
-                     f'stroke-dasharray="{style.dash}" points="{path}"/>')
+        parts.append(
+            f'<polyline fill="none" stroke="{style.colour}" stroke-width="2" '
+            f'stroke-dasharray="{style.dash}" points="{path}"/>'
+        )
         for step, value in points:
-            parts.append(f'<circle class="point" cx="{x(step):.1f}" cy="{y(value):.1f}" r="{style.radius}" '
-                         f'fill="{style.colour}" data-run="{_esc(name)}" data-step="{step}" data-value="{value!r}">'
-                         f"<title>{_esc(name)}, step {step}: {value:.3f}</title></circle>")
+            parts.append(
+                f'<circle class="point" cx="{x(step):.1f}" cy="{y(value):.1f}" r="{style.radius}" '
+                f'fill="{style.colour}" data-run="{_esc(name)}" data-step="{step}" data-value="{value!r}">'
+                f"<title>{_esc(name)}, step {step}: {value:.3f}</title></circle>"
+            )
     parts.append("</svg>")
     caption = f"{_esc(category)} <span>{_esc(_metric(category))}</span>"
-    return f'<figure class="chart" data-category="{_esc(category)}"><figcaption>{caption}</figcaption>' \
-           f'{"".join(parts)}</figure>'
+    return (
+        f'<figure class="chart" data-category="{_esc(category)}"><figcaption>{caption}</figcaption>'
+        f"{''.join(parts)}</figure>"
+    )
 
 
 def _answers_section(columns: list[Column], prompts: dict[str, list[Prompt]], layout: str) -> str:
     """One table, so that a wide layout scrolls once and columns line up; a header row opens each category."""
     compared = "the previous check of the same run" if layout == "step" else "the run to its left"
-    legend = (f'<div class="legend"><span><i class="swatch changed"></i>answer changed from {compared}</span>'
-              '<span><i class="swatch error"></i>generation failed</span>'
-              '<span><i class="swatch missing"></i>no answer at this check</span></div>')
+    legend = (
+        f'<div class="legend"><span><i class="swatch changed"></i>answer changed from {compared}</span>'
+        '<span><i class="swatch error"></i>generation failed</span>'
+        '<span><i class="swatch missing"></i>no answer at this check</span></div>'
+    )
     head = "".join(
         f'<th scope="col" class="{_column_class(columns, i)}" data-column="{i}" data-run="{_esc(column.run.name)}" '
         f'data-step="{column.step}">{_esc(column.label)}<span class="meta">{_esc(_column_meta(column, layout))}</span>'
-        f"</th>" for i, column in enumerate(columns)
+        f"</th>"
+        for i, column in enumerate(columns)
     )
     body = []
     for category, items in prompts.items():
-        body.append(f'<tr class="group" data-category="{_esc(category)}"><th scope="rowgroup" id="category-'
-                    f'{_esc(category)}">{_esc(category)} <span>{len(items)} prompt{"s" * (len(items) != 1)} · '
-                    f'{_esc(_metric(category))}</span></th><td colspan="{len(columns)}"></td></tr>')
+        body.append(
+            f'<tr class="group" data-category="{_esc(category)}"><th scope="rowgroup" id="category-'
+            f'{_esc(category)}">{_esc(category)} <span>{len(items)} prompt{"s" * (len(items) != 1)} · '
+            f'{_esc(_metric(category))}</span></th><td colspan="{len(columns)}"></td></tr>'
+        )
         body.extend(_row(prompt, columns) for prompt in items)
-    return (f'<section id="answers"><h2>Answers</h2>{legend}<table class="answers" '
-            f'style="min-width: {300 + 260 * len(columns)}px"><colgroup><col class="prompt-col">'
-            f'<col span="{len(columns)}"></colgroup><thead><tr><th scope="col">prompt</th>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></section>')
+    return (
+        f'<section id="answers"><h2>Answers</h2>{legend}<table class="answers" '
+        f'style="min-width: {300 + 260 * len(columns)}px"><colgroup><col class="prompt-col">'
+        f'<col span="{len(columns)}"></colgroup><thead><tr><th scope="col">prompt</th>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></section>"
+    )
 
 
 def _column_class(columns: list[Column], index: int) -> str:
@@ -470,11 +513,12 @@ def _column_meta(column: Column, layout: str) -> str:
 
 
 def _row(prompt: Prompt, columns: list[Column]) -> str:
-    system = (f'<div class="system"><b>system</b> {_esc(prompt.system_prompt)}</div>'
-              if prompt.system_prompt else "")
-    header = (f'<th scope="row"><span class="prompt-id">{_esc(prompt.prompt_id)}</span>'
-              f'<span class="tag">{_esc(prompt.category)}</span>'
-              f'<div class="prompt">{_esc(prompt.prompt)}</div>{system}</th>')
+    system = f'<div class="system"><b>system</b> {_esc(prompt.system_prompt)}</div>' if prompt.system_prompt else ""
+    header = (
+        f'<th scope="row"><span class="prompt-id">{_esc(prompt.prompt_id)}</span>'
+        f'<span class="tag">{_esc(prompt.category)}</span>'
+        f'<div class="prompt">{_esc(prompt.prompt)}</div>{system}</th>'
+    )
     cells = "".join(_cell(columns, i, prompt.prompt_id) for i in range(len(columns)))
     return f'<tr data-prompt="{_esc(prompt.prompt_id)}" data-category="{_esc(prompt.category)}">{header}{cells}</tr>'
 
@@ -489,8 +533,10 @@ def _cell(columns: list[Column], index: int, prompt_id: str) -> str:
     if record is None:
         return f"{opening}no answer</td>"
     if record.error is not None:
-        return (f'{opening}<div class="badges"><span class="badge bad">error</span></div>'
-                f'<div class="error-text">{_esc(record.error or "(no message)")}</div></td>')
+        return (
+            f'{opening}<div class="badges"><span class="badge bad">error</span></div>'
+            f'<div class="error-text">{_esc(record.error or "(no message)")}</div></td>'
+        )
     primary = PRIMARY_SCORE[record.category]
     yes, no, yes_tone, no_tone = _BADGES[record.category]
     label, tone = (yes, yes_tone) if record.scores[primary] >= 0.5 else (no, no_tone)
@@ -506,8 +552,13 @@ def _cell(columns: list[Column], index: int, prompt_id: str) -> str:
 # ---------------------------------------------------------------------------------------------------- writing
 
 
-def write_report(paths: list[str | os.PathLike], *, output: str | os.PathLike | None = None, by: str | None = None,
-                 step: int | None = None) -> Path:
+def write_report(
+    paths: list[str | os.PathLike],
+    *,
+    output: str | os.PathLike | None = None,
+    by: str | None = None,
+    step: int | None = None,
+) -> Path:
     """Render the runs at `paths` and write the page (default: vibes.html beside the first vibes.jsonl).
     The page is written to a temporary file and renamed into place, so a failure never leaves half a page."""
     runs = load_runs(paths)

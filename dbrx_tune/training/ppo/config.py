@@ -69,8 +69,10 @@ class PPOConfig(TrainingArguments):
     )
     ref_model_path: str | None = field(
         default=None,
-        metadata={"help": "Frozen reference policy; default: the policy's starting checkpoint (with LoRA: the "
-                          "policy with its adapters disabled, so no second copy is loaded)."},
+        metadata={
+            "help": "Frozen reference policy; default: the policy's starting checkpoint (with LoRA: the "
+            "policy with its adapters disabled, so no second copy is loaded)."
+        },
     )
 
     # Memory
@@ -100,8 +102,10 @@ class PPOConfig(TrainingArguments):
             raise ValueError(f"total_episodes must be >= 1, got {self.total_episodes}")
         if self.reward_function is not None and (self.offload_reward_model or self.reward_model_device):
             raise ValueError("offload_reward_model / reward_model_device apply to a reward model, not reward_function")
-        if self.deepspeed and is_deepspeed_zero3_enabled() and (
-            self.offload_reward_model or self.offload_ref_model or self.reward_model_device
+        if (
+            self.deepspeed
+            and is_deepspeed_zero3_enabled()
+            and (self.offload_reward_model or self.offload_ref_model or self.reward_model_device)
         ):
             raise ValueError(
                 "under ZeRO-3 the reward and reference models are partitioned like the policy; drop "

@@ -45,8 +45,9 @@ def stop_mask(responses: torch.LongTensor, stop_token_ids: Sequence[int]) -> tup
     """(mask, stopped): `mask` (B, T) keeps every token up to and including the first stop token;
     `stopped` (B,) says whether a stop token occurred at all."""
     if not stop_token_ids:
-        return torch.ones_like(responses, dtype=torch.bool), torch.zeros(responses.shape[0], dtype=torch.bool,
-                                                                         device=responses.device)
+        return torch.ones_like(responses, dtype=torch.bool), torch.zeros(
+            responses.shape[0], dtype=torch.bool, device=responses.device
+        )
     is_stop = torch.isin(responses, torch.tensor(list(stop_token_ids), device=responses.device))
     stops_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()  # stop tokens strictly before each position
     return stops_before == 0, is_stop.any(dim=1)
@@ -82,8 +83,9 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     return rewards
 
 
-def compute_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
-                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over the valid tokens: (advantages, returns), both (B, T).
 
     delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, where V and A past the last
@@ -109,8 +111,9 @@ class PolicyLoss(NamedTuple):
     ratio: torch.Tensor
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        mask: torch.Tensor, cliprange: float) -> PolicyLoss:
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> PolicyLoss:
     """PPO's clipped surrogate: mean over valid tokens of max(-A * r, -A * clip(r, 1 - eps, 1 + eps))."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -124,8 +127,9 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     return PolicyLoss(loss, clipfrac, approxkl, mean_ratio)
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, clipfrac): 0.5 * mean over valid tokens of max((V - R)^2, (V_clipped - R)^2), where V_clipped stays
     within `cliprange_value` of the rollout's values."""
     clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)

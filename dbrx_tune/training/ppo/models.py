@@ -36,11 +36,15 @@ def build_ppo_models(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict
         # deep copy would share their partition bookkeeping. Re-seeding gives a random-init reference the same
         # weights as the policy.
         set_seed(args.seed)
-        ref_args = dataclasses.replace(model_args, model_name_or_path=args.ref_model_path or model_args.model_name_or_path)
+        ref_args = dataclasses.replace(
+            model_args, model_name_or_path=args.ref_model_path or model_args.model_name_or_path
+        )
         ref_model = load_causal_lm(ref_args, tokenizer)
     elif args.ref_model_path is not None:
-        raise ValueError("ref_model_path: with use_peft the reference is the policy with its adapters disabled; "
-                         "drop ref_model_path (or use_peft)")
+        raise ValueError(
+            "ref_model_path: with use_peft the reference is the policy with its adapters disabled; "
+            "drop ref_model_path (or use_peft)"
+        )
     policy = prepare_for_training(policy, model_args)
 
     value_path = args.value_model_path or args.reward_model_path or model_args.model_name_or_path
@@ -49,5 +53,11 @@ def build_ppo_models(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict
     if args.reward_model_path:
         reward_model = load_reward_model(args.reward_model_path, model_args)
         reward_tokenizer = load_reward_tokenizer(args.reward_model_path)
-    return {"model": policy, "ref_model": ref_model, "value_model": value_model, "reward_model": reward_model,
-            "reward_tokenizer": reward_tokenizer, "reward_function": reward_function}
+    return {
+        "model": policy,
+        "ref_model": ref_model,
+        "value_model": value_model,
+        "reward_model": reward_model,
+        "reward_tokenizer": reward_tokenizer,
+        "reward_function": reward_function,
+    }

@@ -80,15 +80,28 @@ class PolicyAndValue(nn.Module):
         self.policy = policy
         self.value_model = value_model
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, response_length: int,
-                output_router_logits: bool):
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        response_length: int,
+        output_router_logits: bool,
+    ):
         position_ids = position_ids_from_mask(attention_mask)
-        policy_out = self.policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 logits_to_keep=response_length + 1, use_cache=False,
-                                 output_router_logits=output_router_logits)
-        value_out = value_backbone(self.value_model)(input_ids=input_ids, attention_mask=attention_mask,
-                                                     position_ids=position_ids,
-                                                     output_router_logits=output_router_logits)
+        policy_out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            logits_to_keep=response_length + 1,
+            use_cache=False,
+            output_router_logits=output_router_logits,
+        )
+        value_out = value_backbone(self.value_model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_router_logits=output_router_logits,
+        )
         return policy_out, value_out
 
 
@@ -158,7 +171,8 @@ class PPOTrainer:
         self.train_dataset = self._tokenize(train_dataset)
         if len(self.train_dataset) < self.batch_size:
             raise ValueError(
-                f"train_dataset has {len(self.train_dataset)} prompts, fewer than one rollout batch of {self.batch_size} "
+                f"train_dataset has {len(self.train_dataset)} prompts, fewer than one rollout batch of "
+                f"{self.batch_size} "
                 "(per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches * processes)"
             )
         total_episodes = args.total_episodes or int(args.num_train_epochs * len(self.train_dataset))
@@ -172,15 +186,29 @@ class PPOTrainer:
                 )
         self.model = PolicyAndValue(model, value_model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_epsilon, weight_decay=args.weight_decay)
-        scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
-                                  num_warmup_steps=args.get_warmup_steps(num_optimizer_steps),
-                                  num_training_steps=num_optimizer_steps)
+        optimizer = torch.optim.AdamW(
+            trainable,
+            lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            weight_decay=args.weight_decay,
+        )
+        scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=args.get_warmup_steps(num_optimizer_steps),
+            num_training_steps=num_optimizer_steps,
+        )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             args.hf_deepspeed_config.trainer_config_finalize(args, model, num_optimizer_steps)
-        dataloader = DataLoader(self.train_dataset, batch_size=args.local_batch_size, shuffle=True, drop_last=True,
-                                collate_fn=self._collate, generator=torch.Generator().manual_seed(args.seed))
+        dataloader = DataLoader(
+            self.train_dataset,
+            batch_size=args.local_batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=self._collate,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
         self.model, self.optimizer, self.lr_scheduler, self.dataloader = self.accelerator.prepare(
             self.model, optimizer, scheduler, dataloader
         )
@@ -190,17 +218,27 @@ class PPOTrainer:
         if reward_model is not None:
             device = torch.device(args.reward_model_device) if args.reward_model_device else self.accelerator.device
             placed = self._prepare_frozen(reward_model, device=device, offload=args.offload_reward_model)
-            self.reward = RewardModelScorer(placed, reward_tokenizer, policy_tokenizer=processing_class,
-                                            batch_size=args.local_rollout_forward_batch_size,
-                                            device=device, offload=args.offload_reward_model)
+            self.reward = RewardModelScorer(
+                placed,
+                reward_tokenizer,
+                policy_tokenizer=processing_class,
+                batch_size=args.local_rollout_forward_batch_size,
+                device=device,
+                offload=args.offload_reward_model,
+            )
         self.aux_coef = router_loss_weight(self._unwrapped().policy)
-        self.state = TrainerState(max_steps=self.num_updates, logging_steps=args.logging_steps,
-                                  save_steps=args.save_steps, is_world_process_zero=self.is_world_process_zero())
+        self.state = TrainerState(
+            max_steps=self.num_updates,
+            logging_steps=args.logging_steps,
+            save_steps=args.save_steps,
+            is_world_process_zero=self.is_world_process_zero(),
+        )
         self.control = TrainerControl()
         self.callbacks: list[TrainerCallback] = []
         self.eval_dataset = None  # PPO learns from rollouts; the stage life cycle evaluates nothing here
-        self.accelerator.init_trackers("ppo", config={k: v for k, v in args.to_dict().items()
-                                                     if isinstance(v, (int, float, str, bool))})
+        self.accelerator.init_trackers(
+            "ppo", config={k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        )
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -245,8 +283,9 @@ class PPOTrainer:
 
     def _call_callbacks(self, event: str) -> None:
         for callback in self.callbacks:
-            getattr(callback, event)(self.args, self.state, self.control, model=self.policy,
-                                     processing_class=self.processing_class)
+            getattr(callback, event)(
+                self.args, self.state, self.control, model=self.policy, processing_class=self.processing_class
+            )
 
     def _stop_token_ids(self, model: PreTrainedModel) -> list[int]:
         if self.args.stop_token is None:
@@ -261,12 +300,16 @@ class PPOTrainer:
 
         def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
             prompt = row["prompt"]
-            text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(
-                prompt, tokenize=False, add_generation_prompt=True)
+            text = (
+                prompt
+                if isinstance(prompt, str)
+                else tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+            )
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if not ids or len(ids) > limit:
-                raise ValueError(f"train_dataset row {index}: prompt is {len(ids)} tokens; it must be 1 to "
-                                 f"max_prompt_length={limit}")
+                raise ValueError(
+                    f"train_dataset row {index}: prompt is {len(ids)} tokens; it must be 1 to max_prompt_length={limit}"
+                )
             return {"input_ids": ids}
 
         return dataset.map(encode, with_indices=True, desc="tokenizing prompts")
@@ -275,8 +318,7 @@ class PPOTrainer:
         """Left-pad prompt ids (generation appends on the right); keep the raw rows for rewards."""
         ids, mask = pad_rows([row["input_ids"] for row in rows], self.processing_class.pad_token_id, side="left")
         extras = [{k: v for k, v in row.items() if k not in ("input_ids", "prompt")} for row in rows]
-        return {"input_ids": ids, "attention_mask": mask, "prompts": [row["prompt"] for row in rows],
-                "rows": extras}
+        return {"input_ids": ids, "attention_mask": mask, "prompts": [row["prompt"] for row in rows], "rows": extras}
 
     def _prepare_frozen(self, model: PreTrainedModel | None, device: torch.device | None, offload: bool):
         """Freeze a reference / reward model and place it: partitioned by DeepSpeed under ZeRO-3, on CPU when
@@ -325,10 +367,16 @@ class PPOTrainer:
         responses = []
         for start in range(0, queries.shape[0], chunk):
             generated = unwrapped.policy.generate(
-                input_ids=queries[start:start + chunk], attention_mask=query_mask[start:start + chunk],
-                max_new_tokens=args.response_length, min_new_tokens=0 if self.stop_token_ids else args.response_length,
-                do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
-                pad_token_id=self.processing_class.pad_token_id, synced_gpus=self.zero3,
+                input_ids=queries[start : start + chunk],
+                attention_mask=query_mask[start : start + chunk],
+                max_new_tokens=args.response_length,
+                min_new_tokens=0 if self.stop_token_ids else args.response_length,
+                do_sample=True,
+                temperature=args.temperature,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=self.processing_class.pad_token_id,
+                synced_gpus=self.zero3,
             )
             responses.append(self._pad_response(generated[:, context_length:]))
         responses = torch.cat(responses)
@@ -340,27 +388,44 @@ class PPOTrainer:
         logprobs, ref_logprobs, values, entropy = [], [], [], []
         for start in range(0, queries.shape[0], chunk):
             rows = slice(start, start + chunk)
-            policy_out, value_out = unwrapped(query_responses[rows], attention_mask[rows], args.response_length,
-                                              output_router_logits=False)
+            policy_out, value_out = unwrapped(
+                query_responses[rows], attention_mask[rows], args.response_length, output_router_logits=False
+            )
             logits = policy_out.logits[:, :-1]
             logprobs.append(response_logprobs(logits, responses[rows], args.temperature))
             entropy.append(entropy_from_logits(logits.float() / args.temperature))
-            values.append(value_out.token_values[:, context_length - 1:-1])
+            values.append(value_out.token_values[:, context_length - 1 : -1])
             with self._reference() as reference:
-                ref_out = reference(input_ids=query_responses[rows], attention_mask=attention_mask[rows],
-                                    position_ids=position_ids_from_mask(attention_mask[rows]),
-                                    logits_to_keep=args.response_length + 1, use_cache=False,
-                                    output_router_logits=False)
+                ref_out = reference(
+                    input_ids=query_responses[rows],
+                    attention_mask=attention_mask[rows],
+                    position_ids=position_ids_from_mask(attention_mask[rows]),
+                    logits_to_keep=args.response_length + 1,
+                    use_cache=False,
+                    output_router_logits=False,
+                )
             ref_logprobs.append(response_logprobs(ref_out.logits[:, :-1], responses[rows], args.temperature))
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
         values, entropy = torch.cat(values), torch.cat(entropy)
 
         completions = self.processing_class.batch_decode(
-            [r[m & ~torch.isin(r, torch.tensor(self.stop_token_ids or [-1], device=r.device))]
-             for r, m in zip(responses, mask)], skip_special_tokens=False)
-        scores = self.reward(ScoringBatch(query_ids=queries, query_mask=query_mask, response_ids=responses,
-                                          response_mask=mask.long(), prompts=batch["prompts"],
-                                          completions=completions, rows=batch["rows"])).to(device)
+            [
+                r[m & ~torch.isin(r, torch.tensor(self.stop_token_ids or [-1], device=r.device))]
+                for r, m in zip(responses, mask)
+            ],
+            skip_special_tokens=False,
+        )
+        scores = self.reward(
+            ScoringBatch(
+                query_ids=queries,
+                query_mask=query_mask,
+                response_ids=responses,
+                response_mask=mask.long(),
+                prompts=batch["prompts"],
+                completions=completions,
+                rows=batch["rows"],
+            )
+        ).to(device)
         raw_scores = scores.clone()
         if self.stop_token_ids:
             scores = apply_missing_eos_penalty(scores, stopped, args.missing_eos_penalty)
@@ -374,15 +439,23 @@ class PPOTrainer:
         advantages, returns = compute_gae(rewards, values, maskf, args.gamma, args.lam)
         advantages = masked_whiten(advantages, maskf)
         return {
-            "query_responses": query_responses, "attention_mask": attention_mask, "responses": responses,
-            "mask": maskf, "logprobs": logprobs, "values": values, "advantages": advantages, "returns": returns,
+            "query_responses": query_responses,
+            "attention_mask": attention_mask,
+            "responses": responses,
+            "mask": maskf,
+            "logprobs": logprobs,
+            "values": values,
+            "advantages": advantages,
+            "returns": returns,
             "context_length": torch.tensor(context_length),
             "stats": {
-                "objective/kl": kl.sum(1).mean(), "objective/entropy": (entropy * maskf).sum(1).mean(),
+                "objective/kl": kl.sum(1).mean(),
+                "objective/entropy": (entropy * maskf).sum(1).mean(),
                 "objective/non_score_reward": (-args.kl_coef * kl).sum(1).mean(),
                 "objective/scores": raw_scores.mean(),
                 "objective/rlhf_reward": (scores - args.kl_coef * kl.sum(1)).mean(),
-                "val/num_eos_tokens": stopped.float().sum(), "val/response_length": maskf.sum(1).mean(),
+                "val/num_eos_tokens": stopped.float().sum(),
+                "val/response_length": maskf.sum(1).mean(),
             },
         }
 
@@ -406,18 +479,24 @@ class PPOTrainer:
             order = torch.randperm(args.local_batch_size, device=accelerator.device)
             for mb_start in range(0, args.local_batch_size, args.mini_batch_size):
                 for micro_start in range(mb_start, mb_start + args.mini_batch_size, args.per_device_train_batch_size):
-                    idx = order[micro_start:micro_start + args.per_device_train_batch_size]
+                    idx = order[micro_start : micro_start + args.per_device_train_batch_size]
                     with accelerator.accumulate(self.model):
-                        policy_out, value_out = self.model(data["query_responses"][idx], data["attention_mask"][idx],
-                                                           args.response_length, output_router_logits=use_aux)
+                        policy_out, value_out = self.model(
+                            data["query_responses"][idx],
+                            data["attention_mask"][idx],
+                            args.response_length,
+                            output_router_logits=use_aux,
+                        )
                         logits = policy_out.logits[:, :-1]
                         mask = data["mask"][idx]
                         logprobs = response_logprobs(logits, data["responses"][idx], args.temperature)
-                        values = value_out.token_values[:, context_length - 1:-1]
-                        pg = clipped_policy_loss(logprobs, data["logprobs"][idx], data["advantages"][idx], mask,
-                                                 args.cliprange)
-                        vf_loss, vf_clipfrac = clipped_value_loss(values, data["values"][idx], data["returns"][idx],
-                                                                  mask, args.cliprange_value)
+                        values = value_out.token_values[:, context_length - 1 : -1]
+                        pg = clipped_policy_loss(
+                            logprobs, data["logprobs"][idx], data["advantages"][idx], mask, args.cliprange
+                        )
+                        vf_loss, vf_clipfrac = clipped_value_loss(
+                            values, data["values"][idx], data["returns"][idx], mask, args.cliprange_value
+                        )
                         loss = pg.loss + args.vf_coef * vf_loss
                         if use_aux:
                             aux = policy_out.aux_loss + value_out.aux_loss
@@ -437,7 +516,8 @@ class PPOTrainer:
                         stats["val/clipfrac_avg"].append(vf_clipfrac)
                         stats["val/ratio"].append(pg.ratio)
                         stats["policy/entropy_avg"].append(
-                            masked_mean(entropy_from_logits(logits.detach() / args.temperature), mask))
+                            masked_mean(entropy_from_logits(logits.detach() / args.temperature), mask)
+                        )
         return {name: torch.stack(values).mean() for name, values in stats.items()}
 
     # ------------------------------------------------------------------ loop, logging, checkpoints
@@ -459,9 +539,13 @@ class PPOTrainer:
         for _ in range(self.state.global_step):
             next(batches)  # the prompts the resumed run already trained on
         set_seed(args.seed + accelerator.process_index + self.state.global_step)  # distinct samples per rank
-        logger.info("PPO: %d updates of %d prompts (%d per process), %d optimiser steps each",
-                    self.num_updates, self.batch_size, args.local_batch_size,
-                    args.num_ppo_epochs * args.num_mini_batches)
+        logger.info(
+            "PPO: %d updates of %d prompts (%d per process), %d optimiser steps each",
+            self.num_updates,
+            self.batch_size,
+            args.local_batch_size,
+            args.num_ppo_epochs * args.num_mini_batches,
+        )
         metrics: dict[str, float] = {}
         self._call_callbacks("on_train_begin")
         while self.state.global_step < self.num_updates:
@@ -472,16 +556,22 @@ class PPOTrainer:
             step = self.state.global_step = self.state.global_step + 1
             episode = step * self.batch_size
             metrics = self._reduce({**data["stats"], **train_stats})
-            metrics.update({"lr": self.lr_scheduler.get_last_lr()[0], "episode": episode,
-                            "epoch": episode / len(self.train_dataset),
-                            "time/rollout_s": rollout_time,
-                            "time/optimise_s": time.perf_counter() - start - rollout_time})
+            metrics.update(
+                {
+                    "lr": self.lr_scheduler.get_last_lr()[0],
+                    "episode": episode,
+                    "epoch": episode / len(self.train_dataset),
+                    "time/rollout_s": rollout_time,
+                    "time/optimise_s": time.perf_counter() - start - rollout_time,
+                }
+            )
             if torch.cuda.is_available():
                 metrics["memory/peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if step % max(1, int(args.logging_steps)) == 0 or step == self.num_updates:
                 self.log(metrics)
-            self.control.should_save = bool(args.save_strategy == "steps" and args.save_steps
-                                            and step % int(args.save_steps) == 0)
+            self.control.should_save = bool(
+                args.save_strategy == "steps" and args.save_steps and step % int(args.save_steps) == 0
+            )
             self._call_callbacks("on_step_end")
             if self.control.should_save:
                 self._save_checkpoint(step)
@@ -501,8 +591,12 @@ class PPOTrainer:
         scalars = {k: v for k, v in metrics.items() if not isinstance(v, str)}
         self.state.log_history.append({**scalars, "step": step})
         self.accelerator.log(metrics, step=step)
-        logger.info("update %d/%d: %s", step, self.num_updates,
-                    ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if isinstance(v, float)))
+        logger.info(
+            "update %d/%d: %s",
+            step,
+            self.num_updates,
+            ", ".join(f"{k}={v:.4g}" for k, v in scalars.items() if isinstance(v, float)),
+        )
 
     # transformers' own writers of train_results.json / all_results.json and trainer_state.json
     log_metrics = trainer_pt_utils.log_metrics
@@ -522,8 +616,9 @@ class PPOTrainer:
         if self.accelerator.is_main_process and self.args.save_total_limit:
             checkpoints = sorted(
                 (d for d in os.listdir(self.args.output_dir) if d.startswith(f"{PREFIX_CHECKPOINT_DIR}-")),
-                key=lambda name: int(name.rsplit("-", 1)[1]))
-            for stale in checkpoints[:-self.args.save_total_limit]:
+                key=lambda name: int(name.rsplit("-", 1)[1]),
+            )
+            for stale in checkpoints[: -self.args.save_total_limit]:
                 shutil.rmtree(os.path.join(self.args.output_dir, stale))
         logger.info("saved checkpoint %s", directory)
         self._call_callbacks("on_save")
@@ -545,15 +640,20 @@ class PPOTrainer:
         unwrapped = self._unwrapped()
         if state is None:  # ZeRO-3: only the main process holds the gathered weights
             state = {}
-        for name, module, directory in (("policy", unwrapped.policy, output_dir),
-                                        ("value_model", unwrapped.value_model, os.path.join(output_dir, "value_model"))):
+        for name, module, directory in (
+            ("policy", unwrapped.policy, output_dir),
+            ("value_model", unwrapped.value_model, os.path.join(output_dir, "value_model")),
+        ):
             prefix = name + "."
-            module_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            module_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
             module.save_pretrained(directory, state_dict=module_state, is_main_process=accelerator.is_main_process)
             if isinstance(module, PeftModel) and name == "value_model" and accelerator.is_main_process:
                 # the trained value head is not part of a LoRA adapter: keep it beside it
-                head = {k.rsplit("model.", 1)[-1]: v.contiguous() for k, v in module_state.items()
-                        if k.endswith("score.weight")}
+                head = {
+                    k.rsplit("model.", 1)[-1]: v.contiguous()
+                    for k, v in module_state.items()
+                    if k.endswith("score.weight")
+                }
                 save_file(head, os.path.join(directory, VALUE_HEAD_NAME))
         self._write_state(output_dir)
         accelerator.wait_for_everyone()
