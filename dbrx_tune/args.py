@@ -35,6 +35,13 @@ class ModelArguments(ModelConfig):
         default="grouped",
         metadata={"help": "MoE experts: 'grouped' (grouped GEMM, 3D expert weights) or 'eager' (transformers' loop)."},
     )
+    experts_precision: Literal["bf16", "fp8"] = field(
+        default="bf16",
+        metadata={
+            "help": "Expert GEMMs: 'bf16', or 'fp8' (rowwise-scaled FP8 on Hopper GPUs; weights and checkpoints stay "
+            "bf16; elsewhere falls back to bf16 with a warning). Needs experts_implementation: grouped."
+        },
+    )
     moe_loss_weight: float | None = field(
         default=None,
         metadata={"help": "Router load-balancing loss weight; default: the config's ffn_config.moe_loss_weight."},

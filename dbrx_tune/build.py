@@ -26,11 +26,13 @@ from transformers import (
 
 from dbrx_tune.args import ModelArguments
 from dbrx_tune.modeling.config import NotDbrxConfigError, load_dbrx_config
+from dbrx_tune.modeling.experts import set_experts_precision
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
 from dbrx_tune.modeling.value_head import DbrxForTokenValue
-from dbrx_tune.parallel.zero3 import apply_experts_implementation, gathered, prepare_for_deepspeed
+from dbrx_tune.parallel.launch import read_json_config
+from dbrx_tune.parallel.zero3 import apply_experts_implementation, gathered, prepare_for_deepspeed, zero_stage
 
 logger = logging.getLogger(__name__)
 
@@ -78,13 +80,35 @@ def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     return sync_moe_config(config, model_args.moe_loss_weight)
 
 
+def check_experts_precision(model_args: ModelArguments, deepspeed: str | dict | None) -> None:
+    """Refuse `experts_precision: fp8` where it cannot work, before any weights load.
+
+    FP8 runs on the grouped experts (not the stock loop, not NF4 experts, which dequantize per call and would pay a
+    second quantization) and caches FP8 copies of whole expert weights, which ZeRO-3 partitions and AutoEP shards."""
+    if model_args.experts_precision == "bf16":
+        return
+    key = f"experts_precision: {model_args.experts_precision}"
+    if model_args.experts_implementation != "grouped":
+        raise ValueError(f"{key} needs experts_implementation: grouped (got {model_args.experts_implementation!r})")
+    if model_args.load_in_4bit:
+        raise ValueError(f"{key} is not supported with load_in_4bit (QLoRA's NF4 experts run bf16 GEMMs)")
+    ds_config = read_json_config(deepspeed) if isinstance(deepspeed, str) else deepspeed
+    if zero_stage(ds_config) == 3:
+        raise ValueError(
+            f"{key} is not supported under ZeRO-3 or the AutoEP preset (its FP8 weight copies need whole expert "
+            "weights on each GPU): use experts_precision: bf16, or ZeRO stage 0-2"
+        )
+
+
 def finish_model(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
     """Steps every DBRX model goes through after construction, whatever its head: out-of-place router jitter,
-    the experts implementation (also on ZeRO-3 partitioned weights), then ZeRO-3 leaf modules or AutoEP."""
+    the experts implementation (also on ZeRO-3 partitioned weights) and precision, then ZeRO-3 leaf modules or
+    AutoEP."""
     if not is_dbrx(model):
         return model
     use_out_of_place_jitter(model)
     apply_experts_implementation(model, model_args.experts_implementation)
+    set_experts_precision(model, model_args.experts_precision)
     prepare_for_deepspeed(model)
     return model
 

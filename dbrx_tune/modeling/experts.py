@@ -31,6 +31,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts, DbrxFFN
 
+from dbrx_tune.modeling.fp8 import PRECISIONS, Fp8WeightCache, fp8_grouped_linear, fp8_unsupported_reason
 from dbrx_tune.modeling.swiglu import swiglu
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ EXPERT_PROJECTIONS = ("w1", "v1", "w2")
 IMPLEMENTATIONS = ("grouped", "eager")
 
 _fallback_warned = False
+_fp8_fallback_warned = False
 
 
 class LowRankDelta(NamedTuple):
@@ -71,6 +73,16 @@ def _warn_fallback_once(device: torch.device, dtype: torch.dtype) -> None:
             device,
             dtype,
         )
+
+
+def _fp8_runs_here(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FP8 expert GEMMs run here; where they cannot, one warning names the reason (bf16 GEMMs are used)."""
+    global _fp8_fallback_warned
+    reason = fp8_unsupported_reason(device, dtype)
+    if reason is not None and not _fp8_fallback_warned:
+        _fp8_fallback_warned = True
+        logger.warning("experts_precision='fp8' falls back to unquantized expert GEMMs: %s.", reason)
+    return reason is None
 
 
 def grouped_linear(
@@ -129,6 +141,8 @@ class DbrxGroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(self.num_experts, self.ffn_hidden_size, self.hidden_size, **factory))
         self.v1 = nn.Parameter(torch.empty(self.num_experts, self.ffn_hidden_size, self.hidden_size, **factory))
         self.w2 = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, self.ffn_hidden_size, **factory))
+        self.precision = "bf16"
+        self.fp8_cache = Fp8WeightCache()
         self.register_state_dict_post_hook(_write_original_layout)
         self.register_load_state_dict_pre_hook(_read_original_layout)
 
@@ -168,8 +182,11 @@ class DbrxGroupedExperts(nn.Module):
         `dbrx_tune.modeling.lora`); None for the plain experts.
         """
         weights = {name: getattr(self, name) for name in EXPERT_PROJECTIONS}
+        use_fp8 = self.precision == "fp8" and _fp8_runs_here(self.w1.device, self.w1.dtype)
 
         def base_projection(name: str, inputs: torch.Tensor, offsets: torch.Tensor, counts) -> torch.Tensor:
+            if use_fp8 and counts is None:
+                return fp8_grouped_linear(inputs, weights[name], offsets, self.fp8_cache, name)
             return grouped_linear(inputs, weights[name], offsets, counts)
 
         return run_experts(self, hidden_states, top_k_index, top_k_weights, base_projection, lora_deltas)
@@ -357,6 +374,26 @@ def set_experts_implementation(model: nn.Module, implementation: str = "grouped"
                 "wrapping or 4-bit quantization of the experts"
             )
     logger.info("experts_implementation=%s: swapped %d of %d DBRX expert modules", implementation, swapped, len(ffns))
+    return model
+
+
+def set_experts_precision(model: nn.Module, precision: str = "bf16") -> nn.Module:
+    """Run the expert GEMMs of every `DbrxGroupedExperts` in `model` in `precision` ("bf16" or "fp8"; in place).
+
+    Only the GEMMs change: weights, gradients and checkpoints stay in the model's dtype and DBRX's layout. Where FP8
+    cannot run (CPU, pre-Hopper GPUs) the experts use bf16 and one warning says why (see `dbrx_tune.modeling.fp8`).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"experts_precision={precision!r}: expected one of {PRECISIONS}")
+    experts = [module for module in model.modules() if isinstance(module, DbrxGroupedExperts)]
+    if precision != "bf16" and not experts:
+        raise ValueError(
+            f"experts_precision={precision!r} needs DBRX's grouped experts (experts_implementation: grouped, "
+            "not 4-bit): none found"
+        )
+    for module in experts:
+        module.precision = precision
+        module.fp8_cache.clear()
     return model
 
 

@@ -21,7 +21,7 @@ import yaml
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer, set_seed
 from trl import RewardConfig
 
-from dbrx_tune.build import is_dbrx, load_model_config
+from dbrx_tune.build import check_experts_precision, is_dbrx, load_model_config
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import (
     check_lengths,
@@ -75,6 +75,7 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
             args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
         )
         config = load_model_config(recipe.model)
+        check_experts_precision(recipe.model, args.deepspeed)
         if args.deepspeed:
             check_parallelism(recipe, config)
         check_vibe_settings(recipe, training_class)
