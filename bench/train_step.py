@@ -19,6 +19,9 @@ Modes (same seed, so stock and ours start from the same weights and the same rou
                  expert on DBRX's fused 2D experts, so the stock baseline trains less than ours
     ours_lora    `apply_expert_lora`: LoRA on attention and one LoRA per expert on w1/v1/w2 (grouped GEMMs)
     ours_lora_attention   grouped experts with the stock baseline's LoRA (attention only): same work as stock_lora
+    peer_full    transformers' own grouped-GEMM experts (`MixtralExperts`, grouped_mm) holding the DBRX weights
+    peer_lora    PEFT's LoRA on attention and, through `target_parameters`, on those experts (same targets as ours)
+    ours_full_fp8, ours_lora_fp8   ours with `experts_precision: fp8` (Hopper only)
 
     python bench/train_step.py [--layers 4] [--batch 2] [--seq-len 4096] [--output bench/results/train_step.json]
     python bench/train_step.py --smoke --output /tmp/train_step.json    # tiny model on the CPU, seconds
@@ -33,17 +36,28 @@ import statistics
 import time
 
 import torch
+from peers import TRANSFORMERS_PEER, peft_lora_on_transformers_experts, use_transformers_experts
 from provenance import provenance, write_result
 from transformers import DbrxConfig, DbrxForCausalLM
 
 from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
-from dbrx_tune.modeling.experts import set_experts_implementation
+from dbrx_tune.modeling.experts import set_experts_implementation, set_experts_precision
 from dbrx_tune.modeling.lora import apply_expert_lora
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 
 logger = logging.getLogger("bench.train_step")
 
-MODES = ("stock_full", "ours_full", "stock_lora", "ours_lora", "ours_lora_attention")
+MODES = (
+    "stock_full",
+    "ours_full",
+    "peer_full",
+    "ours_full_fp8",
+    "stock_lora",
+    "ours_lora",
+    "ours_lora_attention",
+    "peer_lora",
+    "ours_lora_fp8",
+)
 
 
 def dbrx_width_config(n_layers: int, seq_len: int) -> DbrxConfig:
@@ -58,10 +72,17 @@ def build_model(config: DbrxConfig, mode: str, device: torch.device, dtype: torc
     with torch.device(device):
         model = DbrxForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode.startswith("ours"):
+    if not mode.startswith("stock"):
         set_experts_implementation(model, "grouped")
-    if mode.endswith("lora") or mode.endswith("lora_attention"):
-        model = apply_expert_lora(model, r=lora_r, alpha=2 * lora_r, target_experts=(mode == "ours_lora"))
+    if mode.endswith("_fp8"):
+        set_experts_precision(model, "fp8")
+    if mode.startswith("peer"):
+        use_transformers_experts(model)
+        if mode == "peer_lora":
+            model = peft_lora_on_transformers_experts(model, lora_r)
+    elif "lora" in mode:
+        target_experts = mode in ("ours_lora", "ours_lora_fp8")
+        model = apply_expert_lora(model, r=lora_r, alpha=2 * lora_r, target_experts=target_experts)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable
@@ -195,6 +216,15 @@ def main() -> None:
         return results.get(mode, {}).get(key)
 
     summary = {
+        "peer": f"{TRANSFORMERS_PEER} (+ PEFT target_parameters LoRA for peer_lora)",
+        "speedup_full_vs_peer": speedup("peer_full", "ours_full"),
+        "speedup_lora_vs_peer": speedup("peer_lora", "ours_lora"),
+        "speedup_full_fp8": speedup("stock_full", "ours_full_fp8"),
+        "speedup_lora_fp8": speedup("stock_lora", "ours_lora_fp8"),
+        "speedup_full_fp8_vs_bf16": speedup("ours_full", "ours_full_fp8"),
+        "speedup_lora_fp8_vs_bf16": speedup("ours_lora", "ours_lora_fp8"),
+        "speedup_full_fp8_vs_peer": speedup("peer_full", "ours_full_fp8"),
+        "speedup_lora_fp8_vs_peer": speedup("peer_lora", "ours_lora_fp8"),
         "speedup_full": speedup("stock_full", "ours_full"),
         "speedup_lora": speedup("stock_lora", "ours_lora"),
         "speedup_lora_same_targets": speedup("stock_lora", "ours_lora_attention"),

@@ -44,7 +44,17 @@ def test_train_step_smoke_times_every_mode_from_the_same_weights(tmp_path):
     ):
         assert result[key] is not None, key
     modes = result["modes"]
-    assert set(modes) == {"stock_full", "ours_full", "stock_lora", "ours_lora", "ours_lora_attention"}
+    assert set(modes) == {
+        "stock_full",
+        "ours_full",
+        "peer_full",
+        "ours_full_fp8",
+        "stock_lora",
+        "ours_lora",
+        "ours_lora_attention",
+        "peer_lora",
+        "ours_lora_fp8",
+    }
     # Same seed and batches: every mode starts from the same model, so the first loss agrees across them.
     first_losses = [row["losses"][0] for row in modes.values()]
     assert all(math.isfinite(loss) for loss in first_losses)
@@ -57,6 +67,11 @@ def test_train_step_smoke_times_every_mode_from_the_same_weights(tmp_path):
         < modes["ours_lora"]["trainable_params"]
         < modes["ours_full"]["trainable_params"]
     )
+    # The peer (transformers' experts + PEFT target_parameters) trains attention and every expert, as ours does.
+    assert modes["peer_full"]["trainable_params"] == modes["ours_full"]["trainable_params"]
+    assert modes["stock_lora"]["trainable_params"] < modes["peer_lora"]["trainable_params"]
+    assert modes["ours_lora_fp8"]["trainable_params"] == modes["ours_lora"]["trainable_params"]
+    assert result["speedup_lora_vs_peer"] == round(modes["peer_lora"]["step_ms"] / modes["ours_lora"]["step_ms"], 3)
     assert result["speedup_full"] == round(modes["stock_full"]["step_ms"] / modes["ours_full"]["step_ms"], 3)
 
 
