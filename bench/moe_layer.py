@@ -161,7 +161,7 @@ def main() -> None:
     liger = liger_fused_moe()
 
     def tokens_view(module):  # transformers' and liger's experts take (tokens, d)
-        return lambda x, index, weights: module(x.view(-1, x.shape[-1]), index, weights)
+        return lambda x, index, weights: module(x.view(-1, x.shape[-1]), index, weights).view_as(x)
 
     variants = {
         "stock": (stock, stock),

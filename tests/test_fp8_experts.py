@@ -50,6 +50,22 @@ def test_weight_cache_is_reused_until_the_optimizer_changes_the_weight():
     )
 
 
+def test_weight_cache_sees_updates_through_data_after_an_optimizer_step_and_keeps_frozen_weights():
+    trained = torch.nn.Parameter(torch.randn(2, 8, 16))
+    frozen = torch.nn.Parameter(torch.randn(2, 8, 16), requires_grad=False)
+    cache = Fp8WeightCache()
+    first_trained, first_frozen = cache.get("w1", trained), cache.get("w2", frozen)
+    with torch.no_grad():
+        trained.data.mul_(2.0)  # `.data` writes leave the parameter's version counter where it was
+    assert cache.get("w1", trained) is first_trained  # not yet: within a step, forward and recompute share copies
+    trained.grad = torch.zeros_like(trained)
+    torch.optim.SGD([trained], lr=0.0).step()
+    refreshed = cache.get("w1", trained)
+    assert refreshed is not first_trained
+    torch.testing.assert_close(refreshed.forward.scale, 2 * first_trained.forward.scale)
+    assert cache.get("w2", frozen) is first_frozen  # an optimizer step does not touch frozen (LoRA base) weights
+
+
 def test_fp8_is_unsupported_off_hopper_with_a_reason():
     assert "CUDA" in fp8_unsupported_reason(torch.device("cpu"))
 
@@ -129,5 +145,15 @@ def test_fp8_grouped_linear_matches_bf16_on_gpu(train_weight):
     assert _relative_error(x_fp8.grad, x_ref.grad) < 0.08
     if train_weight:
         assert _relative_error(weight.grad, w_ref.grad) < 0.02  # the weight gradient stays a bf16 GEMM
+        before = cache.get("w1", weight)
+        torch.optim.AdamW([weight], lr=1e-2, fused=True).step()
+        after = cache.get("w1", weight)
+        assert after is not before  # fused CUDA AdamW: the next forward quantizes the updated weight
+        torch.testing.assert_close(
+            after.forward.data.float() * after.forward.scale.unsqueeze(-1),
+            weight.detach().float(),
+            rtol=0.07,
+            atol=2e-3,
+        )
     else:
         assert weight.grad is None

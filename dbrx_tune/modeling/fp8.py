@@ -11,7 +11,7 @@ torchtitan and torchao use. Master weights, gradients and the other layers stay 
 
 What makes this faster than quantizing everything on every call (torchao's `_to_fp8_rowwise_then_scaled_grouped_mm`,
 which with frozen weights ran slower than bf16 on an H200): the two FP8 copies of each weight are cached on the module
-and re-made only when the weight changes (its version counter moves at every optimizer step). With frozen experts
+and re-made only when the weight may have changed (a new storage or version, or an optimizer step). With frozen experts
 (LoRA) they are made once, so a step quantizes only activations; gradient checkpointing's recompute reuses them too.
 The cache costs one byte per weight element per copy (two copies), so it is for weights a GPU holds whole: ZeRO-3
 partitioned and AutoEP experts are refused by the caller before training starts.
@@ -23,6 +23,7 @@ import logging
 from typing import NamedTuple
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,27 @@ def quantize_rows(tensor: torch.Tensor) -> Fp8Rows:
     return Fp8Rows(data, scale.squeeze(-1))
 
 
+_optimizer_steps = 0
+_step_hook_registered = False
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def track_optimizer_steps() -> None:
+    """Count every torch optimizer step in this process (a global step post-hook, registered once).
+
+    A trained weight's FP8 copies are re-made after each step: an update written through `param.data` (as some
+    optimizers and DeepSpeed's copy-back of master weights do) does not move the parameter's version counter, so the
+    version alone could let a cache serve stale weights."""
+    global _step_hook_registered
+    if not _step_hook_registered:
+        register_optimizer_step_post_hook(_count_optimizer_step)
+        _step_hook_registered = True
+
+
 class Fp8Weight(NamedTuple):
     """The two FP8 copies of an expert weight W (n_experts, out, in) the GEMMs read, and the version they copy.
 
@@ -69,28 +91,30 @@ class Fp8Weight(NamedTuple):
 
     forward: Fp8Rows
     backward: Fp8Rows
-    version: int
-    data_ptr: int
+    version: tuple[int, int, int]
 
 
 class Fp8WeightCache:
-    """FP8 copies of a module's expert weights, keyed by name, re-made when a weight's values change.
+    """FP8 copies of a module's expert weights, keyed by name, re-made when a weight's values may have changed.
 
-    Not a buffer and not in the state dict: checkpoints keep the bf16 weights in DBRX's layout."""
+    A frozen weight's copies live until its storage or version changes (LoRA, QLoRA: made once); a trained weight's
+    also until the next optimizer step (see `track_optimizer_steps`), so forward and the recompute of gradient
+    checkpointing share them. Not a buffer and not in the state dict: checkpoints keep the bf16 weights."""
 
     def __init__(self) -> None:
         self._entries: dict[str, Fp8Weight] = {}
+        track_optimizer_steps()
 
     def get(self, name: str, weight: torch.Tensor) -> Fp8Weight:
+        version = (weight.data_ptr(), weight._version, _optimizer_steps if weight.requires_grad else 0)
         entry = self._entries.get(name)
-        if entry is None or entry.version != weight._version or entry.data_ptr != weight.data_ptr():
+        if entry is None or entry.version != version:
             with torch.no_grad():
                 detached = weight.detach()
                 entry = Fp8Weight(
                     forward=quantize_rows(detached),
                     backward=quantize_rows(detached.transpose(-2, -1).contiguous()),
-                    version=weight._version,
-                    data_ptr=weight.data_ptr(),
+                    version=version,
                 )
             self._entries[name] = entry
         return entry
@@ -99,8 +123,11 @@ class Fp8WeightCache:
         self._entries.clear()
 
 
-def _scaled_grouped_mm(rows: Fp8Rows, weight: Fp8Rows, offsets: torch.Tensor) -> torch.Tensor:
-    """(rows.data * rows.scale) @ (weight.data[e] * weight.scale[e]).T per expert group, in bf16."""
+def _scaled_grouped_mm(rows: Fp8Rows, weight: Fp8Rows, offsets: torch.Tensor, fast_accum: bool) -> torch.Tensor:
+    """(rows.data * rows.scale) @ (weight.data[e] * weight.scale[e]).T per expert group, in bf16.
+
+    `fast_accum` (Hopper's faster, less precise FP8 accumulation) is used in forward only, as torchao's float8
+    training does: gradients keep the full-precision accumulation."""
     return torch._scaled_grouped_mm(
         rows.data,
         weight.data.transpose(-2, -1),
@@ -108,7 +135,7 @@ def _scaled_grouped_mm(rows: Fp8Rows, weight: Fp8Rows, offsets: torch.Tensor) ->
         weight.scale,
         offs=offsets,
         out_dtype=torch.bfloat16,
-        use_fast_accum=True,
+        use_fast_accum=fast_accum,
     )
 
 
@@ -121,7 +148,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         ctx.cache, ctx.name = cache, name
         ctx.weight_needs_grad = weight.requires_grad
         ctx.save_for_backward(x if weight.requires_grad else None, weight, offsets)
-        return _scaled_grouped_mm(quantize_rows(x), entry.forward, offsets)
+        return _scaled_grouped_mm(quantize_rows(x), entry.forward, offsets, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -130,7 +157,7 @@ class _Fp8GroupedLinear(torch.autograd.Function):
         grad_x = grad_weight = None
         if ctx.needs_input_grad[0]:
             entry = ctx.cache.get(ctx.name, weight)
-            grad_x = _scaled_grouped_mm(quantize_rows(grad_out), entry.backward, offsets)
+            grad_x = _scaled_grouped_mm(quantize_rows(grad_out), entry.backward, offsets, fast_accum=False)
         if ctx.weight_needs_grad and ctx.needs_input_grad[1]:
             grad_weight = torch._grouped_mm(grad_out.transpose(0, 1), x, offs=offsets)
         return grad_x, grad_weight, None, None, None
