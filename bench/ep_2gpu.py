@@ -50,7 +50,8 @@ def training_arguments(mode: str, world: int, grad_accum: int, ep_options: dict,
     name = "zero3_ep.json" if mode == "ep" else "zero3.json"
     config = read_json_config(os.path.join(ROOT, "recipes", "deepspeed", name))
     if mode == "ep":
-        config["expert_parallel"].update(autoep_size=world, **ep_options)
+        # autoep_size defaults to the GPU count; '{"autoep_size": 4}' on 8 GPUs gives EP=4 x expert-data-parallel 2
+        config["expert_parallel"].update({"autoep_size": world, **ep_options})
     return TrainingArguments(
         output_dir=output_dir,
         deepspeed=config,
@@ -330,7 +331,8 @@ def main() -> None:
         default=None,
         help="JSON merged into the shipped expert_parallel section; repeat for more EP variants "
         "(default: the shipped section as is; '{\"async_split_plan\": false}' measures it "
-        "without the asynchronous split plan); worker: one JSON",
+        "without the asynchronous split plan; '{\"autoep_size\": 4}' on 8 GPUs: EP=4 with expert-data-parallel 2); "
+        "worker: one JSON",
     )
     parser.add_argument("--results", default=os.path.join(ROOT, "bench", "results"))
     parser.add_argument("--mode", help=argparse.SUPPRESS)
