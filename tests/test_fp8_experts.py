@@ -117,6 +117,40 @@ def test_bf16_precision_is_never_refused():
     check_experts_precision(ModelArguments(model_name_or_path="unused"), "recipes/deepspeed/zero3_ep.json")
 
 
+def _reference_scaled_grouped_mm(a, b, scale_a, scale_b, offs=None, out_dtype=None, use_fast_accum=False):
+    """What `torch._scaled_grouped_mm` computes for a 2D x 3D call, in fp32 from the dequantized operands, with its
+    layout contract checked: b is (experts, K, N) column-major, scales are one per row of a and per column of b."""
+    assert a.dtype == b.dtype == FP8_DTYPE and a.is_contiguous()
+    assert b.stride(-2) == 1, "mat2 must be column-major (a transposed view of a contiguous (E, N, K) tensor)"
+    assert scale_a.shape == (a.shape[0],) and scale_b.shape == (b.shape[0], b.shape[-1])
+    a_values = a.float() * scale_a.unsqueeze(1)
+    b_values = b.float() * scale_b.unsqueeze(1)
+    starts = [0, *offs.tolist()[:-1]]
+    rows = [a_values[start:end] @ b_values[e] for e, (start, end) in enumerate(zip(starts, offs.tolist()))]
+    return torch.cat(rows).to(out_dtype)
+
+
+def test_fp8_grouped_linear_forward_and_gradients_with_the_kernel_contract_on_cpu(monkeypatch):
+    """The autograd function's operands, layouts and scales, checked with a reference for the Hopper-only kernel."""
+    monkeypatch.setattr(torch, "_scaled_grouped_mm", _reference_scaled_grouped_mm, raising=False)
+    torch.manual_seed(0)
+    rows_per_expert, k, n = [5, 0, 9, 3], 32, 24
+    offsets = torch.tensor(rows_per_expert).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(rows_per_expert), k).to(torch.bfloat16).requires_grad_()
+    weight = (torch.randn(4, n, k) * 0.1).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(x.shape[0], n).to(torch.bfloat16)
+    out = fp8_grouped_linear(x, weight, offsets, Fp8WeightCache(), "w1")
+    out.backward(grad)
+
+    x_ref, w_ref = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = torch.cat([rows @ w.T for rows, w in zip(x_ref.split(rows_per_expert), w_ref.unbind(0))])
+    ref.backward(grad.float())
+    assert _relative_error(out, ref) < 0.06
+    assert _relative_error(x.grad, x_ref.grad) < 0.06
+    assert _relative_error(weight.grad, w_ref.grad) < 0.01  # bf16 weight-gradient GEMM
+    assert weight.grad[1].abs().sum() == 0  # the expert that got no rows gets no gradient
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or fp8_unsupported_reason(torch.device("cuda")) is not None,
