@@ -22,6 +22,10 @@ Modes (same seed, so stock and ours start from the same weights and the same rou
     peer_full    transformers' own grouped-GEMM experts (`MixtralExperts`, grouped_mm) holding the DBRX weights
     peer_lora    PEFT's LoRA on attention and, through `target_parameters`, on those experts (same targets as ours)
     ours_full_fp8, ours_lora_fp8   ours with `experts_precision: fp8` (Hopper only)
+    ours_full_logits   ours_full with the model's own forward (full bf16 logits, fp32 cross-entropy)
+With `--lm-head fused` (the default) every other mode computes the loss the way TRL 1.16's trainers do: through TRL's
+fused LM head (`trl.trainer.utils.add_fused_lm_head`, chunked log-probabilities, no full logits), which TRL adds to
+stock models too; `--lm-head model` runs every mode on the model's own forward (the runs recorded before 2026-12-02).
 
     python bench/train_step.py [--layers 4] [--batch 2] [--seq-len 4096] [--output bench/results/train_step.json]
     python bench/train_step.py --smoke --output /tmp/train_step.json    # tiny model on the CPU, seconds
@@ -39,6 +43,7 @@ import torch
 from peers import TRANSFORMERS_PEER, peft_lora_on_transformers_experts, use_transformers_experts
 from provenance import provenance, write_result
 from transformers import DbrxConfig, DbrxForCausalLM
+from trl.trainer.utils import add_fused_lm_head
 
 from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_experts_implementation, set_experts_precision
@@ -57,6 +62,7 @@ MODES = (
     "ours_lora_attention",
     "peer_lora",
     "ours_lora_fp8",
+    "ours_full_logits",
 )
 
 
@@ -66,12 +72,20 @@ def dbrx_width_config(n_layers: int, seq_len: int) -> DbrxConfig:
     return sync_moe_config(config)
 
 
-def build_model(config: DbrxConfig, mode: str, device: torch.device, dtype: torch.dtype, lora_r: int, seed: int):
+def uses_fused_head(mode: str, lm_head: str) -> bool:
+    return lm_head == "fused" and not mode.endswith("_logits")
+
+
+def build_model(
+    config: DbrxConfig, mode: str, device: torch.device, dtype: torch.dtype, lora_r: int, seed: int, lm_head: str
+):
     """Random-init model for `mode`, built directly on `device` in `dtype`; returns (model, trainable params)."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = DbrxForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if uses_fused_head(mode, lm_head):
+        add_fused_lm_head(model)  # before PEFT wraps it, as TRL's trainers do
     if not mode.startswith("stock"):
         set_experts_implementation(model, "grouped")
     if mode.endswith("_fp8"):
@@ -96,7 +110,8 @@ def synchronize(device: torch.device) -> None:
 def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     """Build, warm up and time one mode; everything it allocated is freed before it returns."""
     build_start = time.perf_counter()
-    model, trainable = build_model(config, mode, device, dtype, args.lora_r, args.seed)
+    model, trainable = build_model(config, mode, device, dtype, args.lora_r, args.seed, args.lm_head)
+    head_kwargs = {"fused_lm_head": True} if uses_fused_head(mode, args.lm_head) else {}
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(args.seed)
     batches = [
@@ -110,7 +125,7 @@ def run_mode(config: DbrxConfig, mode: str, args, device: torch.device, dtype: t
 
     def step(input_ids: torch.Tensor) -> float:
         # model and optimizer are deleted at the end of run_mode, which pyflakes reads as undefined here
-        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss  # noqa: F821
+        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, **head_kwargs).loss  # noqa: F821
         loss.backward()
         optimizer.step()  # noqa: F821
         optimizer.zero_grad(set_to_none=True)  # noqa: F821
@@ -167,6 +182,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode (median and spread reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
+    parser.add_argument(
+        "--lm-head", choices=("fused", "model"), default="fused", help="TRL's fused LM head, or the model's forward"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU in fp32: checks the script runs")
     parser.add_argument(
         "--output", default=None, help="JSON path (default bench/results/train_step.json; none with --smoke)"
@@ -233,6 +251,8 @@ def main() -> None:
         "tokens_per_s_ours": pick("ours_full", "tokens_per_s"),
         "tokens_per_s_stock": pick("stock_full", "tokens_per_s"),
         "peak_gb_ours": pick("ours_full", "peak_gb"),
+        "peak_gb_ours_logits": pick("ours_full_logits", "peak_gb"),
+        "lm_head": args.lm_head,
         "peak_gb_stock": pick("stock_full", "peak_gb"),
         "modes": results,
         "shape": {

@@ -54,6 +54,7 @@ def test_train_step_smoke_times_every_mode_from_the_same_weights(tmp_path):
         "ours_lora_attention",
         "peer_lora",
         "ours_lora_fp8",
+        "ours_full_logits",
     }
     # Same seed and batches: every mode starts from the same model, so the first loss agrees across them.
     first_losses = [row["losses"][0] for row in modes.values()]
@@ -72,6 +73,8 @@ def test_train_step_smoke_times_every_mode_from_the_same_weights(tmp_path):
     assert modes["stock_lora"]["trainable_params"] < modes["peer_lora"]["trainable_params"]
     assert modes["ours_lora_fp8"]["trainable_params"] == modes["ours_lora"]["trainable_params"]
     assert result["speedup_lora_vs_peer"] == round(modes["peer_lora"]["step_ms"] / modes["ours_lora"]["step_ms"], 3)
+    # TRL's fused LM head and the model's own forward compute the same first loss (checked above across modes)
+    assert result["lm_head"] == "fused" and result["peak_gb_ours_logits"] is None  # no CUDA peak on the CPU
     assert result["speedup_full"] == round(modes["stock_full"]["step_ms"] / modes["ours_full"]["step_ms"], 3)
 
 
