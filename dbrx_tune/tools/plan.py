@@ -295,7 +295,9 @@ def activations(
         logits = 2 * shape.d_model * tokens + 2 * 4 * shape.vocab * loss_chunk_tokens(shape, tokens)
     else:  # bf16 logits, their fp32 copy and the fp32 gradient of the log-softmax
         logits = 3 * 4 * shape.vocab * tokens
-    kept_inputs = shape.n_layers * 2 * shape.d_model * tokens  # each checkpointed block's bf16 input
+    from dbrx_tune.training.offload import offloaded_activation_bytes
+
+    kept_inputs = offloaded_activation_bytes(shape.n_layers, shape.d_model, tokens)  # each block's bf16 input
     # offloaded: the inputs of the block being recomputed and of the next one are on the GPU, the rest on the host
     on_gpu = min(kept_inputs, 2 * 2 * shape.d_model * tokens) if offload else kept_inputs
     return Activations(
