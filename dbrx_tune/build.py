@@ -25,8 +25,8 @@ from transformers import (
 )
 
 from dbrx_tune.args import ModelArguments
-from dbrx_tune.modeling.experts import set_moe_token_chunk
 from dbrx_tune.modeling.config import NotDbrxConfigError, load_dbrx_config
+from dbrx_tune.modeling.experts import set_moe_token_chunk
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification

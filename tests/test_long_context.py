@@ -95,8 +95,8 @@ def test_activation_offload_moves_checkpointed_inputs_to_host_and_keeps_the_numb
 
 
 def _start(tmp_path, *overrides: str):
-    from sft.train import SFTConfig
     from dbrx_tune.training.stage import start_stage
+    from sft.train import SFTConfig
 
     return start_stage(
         [SFT_RECIPE, "--output_dir", str(tmp_path / "out"), "--report_to", "none", *overrides], SFTConfig

@@ -40,8 +40,9 @@ def available_host_memory() -> int:
 
 
 def check_long_context_settings(recipe: Recipe, config: PretrainedConfig) -> None:
-    """Refuse a `max_length` beyond the model's context, `moe_token_chunk` on a dense model and `activation_offload` without checkpointing or host memory;
-    with offload accepted, switch on transformers' checkpoint offload in the training arguments."""
+    """Refuse a `max_length` beyond the model's context, `moe_token_chunk` on a dense model, and
+    `activation_offload` without checkpointing or enough host memory; an accepted offload switches on transformers'
+    checkpoint offload in the training arguments."""
     model_args, args = recipe.model, recipe.training
     context = config.max_seq_len if is_dbrx(config) else getattr(config, "max_position_embeddings", None)
     max_length = getattr(args, "max_length", None)
