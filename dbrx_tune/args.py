@@ -61,6 +61,20 @@ class ModelArguments(ModelConfig):
         default=None,
         metadata={"help": "With load_in_4bit: dequantize this many experts at a time (less memory, more launches)."},
     )
+    moe_token_chunk: int | None = field(
+        default=None,
+        metadata={
+            "help": "Run the MoE experts over at most this many tokens at a time, each chunk recomputed in backward: "
+            "bounds the routed intermediate (tokens x top_k x ffn) at long context. null: all tokens at once."
+        },
+    )
+    activation_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "With gradient_checkpointing: keep the checkpointed block inputs in pinned host memory "
+            "(transformers' activation-checkpointing offload); refused before loading when host memory is short."
+        },
+    )
 
 
 @dataclass

@@ -26,7 +26,7 @@ from transformers import (
 
 from dbrx_tune.args import ModelArguments
 from dbrx_tune.modeling.config import NotDbrxConfigError, load_dbrx_config
-from dbrx_tune.modeling.experts import set_experts_precision
+from dbrx_tune.modeling.experts import set_experts_precision, set_moe_token_chunk
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
@@ -143,6 +143,8 @@ def prepare_for_training(model: PreTrainedModel, model_args: ModelArguments) -> 
         from dbrx_tune.modeling.quantized_experts import quantize_experts_4bit
 
         quantize_experts_4bit(model, experts_per_group=model_args.experts_per_group)
+    if model_args.moe_token_chunk:
+        set_moe_token_chunk(model, model_args.moe_token_chunk)
     if model_args.use_peft:
         from dbrx_tune.modeling.lora import apply_expert_lora
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts, DbrxFFN
 
@@ -131,6 +132,8 @@ class DbrxGroupedExperts(nn.Module):
     `output_router_logits` and the aux loss work unchanged.
     """
 
+    token_chunk: int | None = None  # tokens through the experts at a time (`set_moe_token_chunk`); None: all
+
     def __init__(self, ffn_config, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.num_experts = ffn_config.moe_num_experts
@@ -201,9 +204,43 @@ def run_experts(
     lora_deltas: Mapping[str, Sequence[LowRankDelta]] | None = None,
 ) -> torch.Tensor:
     """The SwiGLU experts over tokens sorted by expert; `base_projection(name, rows, offsets, counts)` supplies
-    the frozen or trainable weights (bf16 3D or dequantized 4-bit), LoRA deltas are added on the same rows."""
+    the frozen or trainable weights (bf16 3D or dequantized 4-bit), LoRA deltas are added on the same rows.
+
+    With `module.token_chunk` set (`set_moe_token_chunk`) and more tokens than that, the tokens go through the experts
+    a chunk at a time, each chunk checkpointed: backward keeps the chunks' inputs and recomputes one chunk's routed
+    intermediate (chunk x top_k x ffn) at a time instead of holding the whole sequence's. Every token's routing and
+    arithmetic are the same, so the numbers are too.
+    """
     batch_size = hidden_states.shape[0]
     x = hidden_states.reshape(-1, module.hidden_size)
+    top_k_index = top_k_index.reshape(x.shape[0], top_k_index.shape[-1])  # explicit top_k: a batch may be empty
+    top_k_weights = top_k_weights.reshape(x.shape[0], top_k_weights.shape[-1])
+    chunk = getattr(module, "token_chunk", None)
+
+    def rows(x, top_k_index, top_k_weights):
+        return _expert_rows(module, x, top_k_index, top_k_weights, base_projection, lora_deltas)
+
+    if chunk and x.shape[0] > chunk:
+        recompute = torch.is_grad_enabled()
+        pieces = [
+            checkpoint(rows, *parts, use_reentrant=False) if recompute else rows(*parts)
+            for parts in zip(x.split(chunk), top_k_index.split(chunk), top_k_weights.split(chunk))
+        ]
+        combined = torch.cat(pieces)
+    else:
+        combined = rows(x, top_k_index, top_k_weights)
+    return combined.view(batch_size, -1, module.hidden_size)
+
+
+def _expert_rows(
+    module: nn.Module,
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    base_projection,
+    lora_deltas: Mapping[str, Sequence[LowRankDelta]] | None,
+) -> torch.Tensor:
+    """`run_experts` on the token rows x (tokens, d_model): route, project, combine; (tokens, d_model)."""
     routed = route_tokens(top_k_index, module.num_experts)
     use_grouped = grouped_mm_supported(x.device, x.dtype)
     if not use_grouped:
@@ -228,8 +265,23 @@ def run_experts(
     gate, up = project(("w1", "v1"), sorted_x)
     row_weights = _PermuteRows.apply(top_k_weights.reshape(-1), routed.order, routed.row_of_slot)
     (sorted_out,) = project(("w2",), swiglu(gate, up, module.activation_fn, row_weights))
-    combined = combine_expert_outputs(sorted_out, routed, top_k_weights.shape[-1])
-    return combined.view(batch_size, -1, module.hidden_size)
+    return combine_expert_outputs(sorted_out, routed, top_k_weights.shape[-1])
+
+
+def set_moe_token_chunk(model: nn.Module, tokens: int | None) -> nn.Module:
+    """Run every DBRX experts module of `model` over at most `tokens` tokens at a time (None: the whole batch).
+
+    The experts modules that run `run_experts` (`DbrxGroupedExperts`, `DbrxNF4Experts`) declare `token_chunk`;
+    transformers' stock `DbrxExperts` loop has no chunked form, so the eager implementation is refused.
+    """
+    if tokens is not None and tokens < 1:
+        raise ValueError(f"moe_token_chunk must be a positive number of tokens or null, got {tokens}")
+    chunked = [module for module in model.modules() if hasattr(type(module), "token_chunk")]
+    if tokens is not None and any(isinstance(module, DbrxExperts) for module in model.modules()):
+        raise ValueError("moe_token_chunk needs experts_implementation: grouped (or 4-bit experts), not eager")
+    for module in chunked:
+        module.token_chunk = tokens
+    return model
 
 
 class RoutedTokens(NamedTuple):

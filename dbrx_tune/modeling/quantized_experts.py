@@ -50,6 +50,8 @@ class DbrxNF4Experts(nn.Module):
     shared `nf4_code`. `experts_per_group` bounds the transient bf16 memory of one dequantized projection.
     """
 
+    token_chunk: int | None = None  # tokens through the experts at a time (`set_moe_token_chunk`); None: all
+
     def __init__(self, ffn_config, *, experts_per_group: int | None = None):
         super().__init__()
         self.num_experts = ffn_config.moe_num_experts

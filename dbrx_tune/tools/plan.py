@@ -32,20 +32,36 @@ NF4_NESTED_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # scales quantized to 8 bits, 
 KNOWN_CONFIGS = {
     # databricks/dbrx-base and dbrx-instruct config.json values, so hub ids plan without network access.
     "databricks/dbrx-base": dict(
-        d_model=6144, n_layers=40, n_heads=48, kv_heads=8, vocab=100352, ffn=10752, experts=16, top_k=4
+        d_model=6144,
+        n_layers=40,
+        n_heads=48,
+        kv_heads=8,
+        vocab=100352,
+        ffn=10752,
+        experts=16,
+        top_k=4,
+        max_seq_len=32768,
     ),
     "databricks/dbrx-instruct": dict(
-        d_model=6144, n_layers=40, n_heads=48, kv_heads=8, vocab=100352, ffn=10752, experts=16, top_k=4
+        d_model=6144,
+        n_layers=40,
+        n_heads=48,
+        kv_heads=8,
+        vocab=100352,
+        ffn=10752,
+        experts=16,
+        top_k=4,
+        max_seq_len=32768,
     ),
     # meta-llama/Llama-2-*-hf config.json values (dense: the MLP is the one "expert" every token uses).
     "meta-llama/Llama-2-7b-hf": dict(
-        d_model=4096, n_layers=32, n_heads=32, kv_heads=32, vocab=32000, ffn=11008, experts=1, top_k=1
+        d_model=4096, n_layers=32, n_heads=32, kv_heads=32, vocab=32000, ffn=11008, experts=1, top_k=1, max_seq_len=4096
     ),
     "meta-llama/Llama-2-13b-hf": dict(
-        d_model=5120, n_layers=40, n_heads=40, kv_heads=40, vocab=32000, ffn=13824, experts=1, top_k=1
+        d_model=5120, n_layers=40, n_heads=40, kv_heads=40, vocab=32000, ffn=13824, experts=1, top_k=1, max_seq_len=4096
     ),
     "meta-llama/Llama-2-70b-hf": dict(
-        d_model=8192, n_layers=80, n_heads=64, kv_heads=8, vocab=32000, ffn=28672, experts=1, top_k=1
+        d_model=8192, n_layers=80, n_heads=64, kv_heads=8, vocab=32000, ffn=28672, experts=1, top_k=1, max_seq_len=4096
     ),
 }
 DENSE_ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -69,6 +85,7 @@ class ModelShape:
     ffn: int
     experts: int
     top_k: int
+    max_seq_len: int | None = None  # the longest context the model was trained for (None: unknown)
 
     @property
     def is_moe(self) -> bool:
@@ -139,30 +156,6 @@ class ModelShape:
         return self.n_layers * per_layer
 
 
-@dataclass
-class Plan:
-    recipe: str
-    method: str
-    zero_stage: int
-    ep_size: int
-    gpus: int
-    gpu_memory_gb: float
-    seq_len: int
-    micro_batch: int
-    gradient_checkpointing: bool
-    params_gb: float
-    gradients_gb: float
-    optimizer_gb: float
-    working_set_gb: float
-    activations_gb: float
-    activations_checkpointed_gb: float
-    activations_full_gb: float
-    overhead_gb: float
-    per_gpu_gb: float
-    fits: bool
-    min_gpus: int | None
-
-
 def model_shape(name_or_path: str) -> ModelShape:
     """The shape of a model: a known hub id, or a local/hub config.json (DBRX, or a dense Llama-style config)."""
     if not os.path.isdir(name_or_path) and name_or_path in KNOWN_CONFIGS:
@@ -183,6 +176,7 @@ def model_shape(name_or_path: str) -> ModelShape:
         ffn=ffn.ffn_hidden_size,
         experts=ffn.moe_num_experts,
         top_k=ffn.moe_top_k,
+        max_seq_len=config.max_seq_len,
     )
 
 
@@ -207,6 +201,7 @@ def dense_shape(name_or_path: str) -> ModelShape:
         ffn=config.intermediate_size,
         experts=1,
         top_k=1,
+        max_seq_len=getattr(config, "max_position_embeddings", None),
     )
 
 
@@ -233,13 +228,131 @@ def lora_targets(recipe_values: dict[str, Any], shape: ModelShape) -> tuple[str,
     return names
 
 
-def activation_bytes_per_token_layer(shape: ModelShape) -> int:
-    """bf16 activations one token keeps for backward in one layer (attention, routing copies, SwiGLU experts / MLP)."""
+def block_bytes_per_token(shape: ModelShape) -> tuple[int, int]:
+    """bf16 bytes one token keeps for backward in one block: (attention, norms and router; the routed SwiGLU experts).
+
+    The second part is the routed intermediate (top_k copies of each token through w1, v1 and w2), the one that
+    grows to dominate at long context and that `moe_token_chunk` bounds.
+    """
     head = shape.d_model // shape.n_heads
     attention = 2 * (6 * shape.d_model + (shape.n_heads + 2 * shape.kv_heads) * head)
-    experts = 2 * shape.top_k * (3 * shape.ffn + 3 * shape.d_model)
     router_logits = 4 * shape.experts if shape.is_moe else 0
-    return attention + experts + router_logits
+    experts = 2 * shape.top_k * (3 * shape.ffn + 3 * shape.d_model)
+    return attention + router_logits, experts
+
+
+def activation_bytes_per_token_layer(shape: ModelShape) -> int:
+    """bf16 activations one token keeps for backward in one layer (attention, routing copies, SwiGLU experts / MLP)."""
+    return sum(block_bytes_per_token(shape))
+
+
+def loss_chunk_tokens(shape: ModelShape, tokens: int) -> int:
+    """Rows of logits a fused linear cross-entropy holds at once: liger-kernel's chunk, tokens / ceil(vocab / d_model)
+    rounded up to a power of two (2048 of 32768 tokens for DBRX)."""
+    chunk = -(-tokens // -(-shape.vocab // shape.d_model))
+    return min(tokens, 1 << max(chunk - 1, 0).bit_length())
+
+
+@dataclass
+class Activations:
+    """Activation bytes on one GPU at the two moments a step peaks, and what activation offload keeps on the host.
+
+    With gradient checkpointing a step peaks either at the loss (every kept block input plus the logits and their
+    gradient: `logits_phase`) or in the backward of a block (the kept inputs plus one block's recomputed activations,
+    its dequantized 4-bit experts and the trained weights' gradients: `layer_phase`, gradients counted by the caller).
+    Full fp32 logits dominate until the fused loss removes them; then the routed MoE intermediate does.
+    """
+
+    logits_phase: float
+    layer_phase: float
+    full: float  # without gradient checkpointing: every block's activations plus the logits
+    host: float  # offloaded block inputs, in host memory
+
+    @property
+    def checkpointed(self) -> float:
+        return max(self.logits_phase, self.layer_phase)
+
+
+def activations(
+    shape: ModelShape,
+    tokens: int,
+    *,
+    fused_loss: bool,
+    offload: bool,
+    moe_token_chunk: int | None,
+    dequant_bytes: float,
+) -> Activations:
+    """Activation memory for `tokens` tokens per GPU (sequence x micro-batch / sp_size).
+
+    Checked against bench/results/qlora_132b*.json (4k, 16k, 32k tokens: the logits phase, fused_loss off).
+    `dequant_bytes` is the transient bf16 copy of one projection's 4-bit experts (0 for bf16 experts).
+    """
+    attention, experts = block_bytes_per_token(shape)
+    chunk = min(tokens, moe_token_chunk or tokens)
+    # A chunked MoE recomputes each chunk in backward: a block keeps the chunks' inputs plus one chunk's intermediate.
+    block = attention * tokens + (experts * chunk + (2 * shape.d_model * tokens if chunk < tokens else 0))
+    if fused_loss:  # the hidden states' gradient plus one chunk of fp32 logits and their gradient
+        logits = 2 * shape.d_model * tokens + 2 * 4 * shape.vocab * loss_chunk_tokens(shape, tokens)
+    else:  # bf16 logits, their fp32 copy and the fp32 gradient of the log-softmax
+        logits = 3 * 4 * shape.vocab * tokens
+    from dbrx_tune.training.offload import offloaded_activation_bytes
+
+    kept_inputs = offloaded_activation_bytes(shape.n_layers, shape.d_model, tokens)  # each block's bf16 input
+    # offloaded: the inputs of the block being recomputed and of the next one are on the GPU, the rest on the host
+    on_gpu = min(kept_inputs, 2 * 2 * shape.d_model * tokens) if offload else kept_inputs
+    return Activations(
+        logits_phase=on_gpu + logits,
+        layer_phase=on_gpu + block + dequant_bytes,
+        full=shape.n_layers * block + dequant_bytes + logits,
+        host=kept_inputs - on_gpu,
+    )
+
+
+@dataclass
+class Plan:
+    recipe: str
+    method: str
+    zero_stage: int
+    ep_size: int
+    sp_size: int
+    gpus: int
+    gpu_memory_gb: float
+    seq_len: int
+    micro_batch: int
+    gradient_checkpointing: bool
+    fused_loss: bool
+    activation_offload: bool
+    moe_token_chunk: int | None
+    params_gb: float
+    gradients_gb: float
+    optimizer_gb: float
+    working_set_gb: float
+    activations_gb: float
+    activations_checkpointed_gb: float
+    activations_full_gb: float
+    host_activations_gb: float
+    overhead_gb: float
+    per_gpu_gb: float
+    first_step_gb: float
+    fits: bool
+    min_gpus: int | None
+
+
+def recipe_method(recipe_values: dict[str, Any]) -> str:
+    return "qlora" if recipe_values.get("load_in_4bit") else "lora" if recipe_values.get("use_peft") else "full"
+
+
+def sequence_parallel_size(recipe_values: dict[str, Any], ds_config: dict[str, Any] | None) -> int:
+    """Ulysses sequence-parallel degree: the recipe's `sp_size`, or DeepSpeed's `sequence_parallel_size`."""
+    return int(recipe_values.get("sp_size") or (ds_config or {}).get("sequence_parallel_size") or 1)
+
+
+def check_sequence_length(recipe_values: dict[str, Any], shape: ModelShape, recipe: str = "") -> int:
+    """The recipe's `max_length`, refused when it exceeds the model's `max_seq_len` (naming both)."""
+    seq = int(recipe_values.get("max_length") or 1024)
+    if shape.max_seq_len and seq > shape.max_seq_len:
+        raise ValueError(f"{recipe or 'recipe'}: max_length {seq} exceeds the model's max_seq_len {shape.max_seq_len}")
+    return seq
 
 
 def plan(
@@ -251,41 +364,66 @@ def plan(
     ds_config: dict[str, Any] | None,
     recipe: str = "",
 ) -> Plan:
-    """Per-GPU memory for `recipe_values` on `gpus` GPUs of `gpu_memory_gb` each, and the smallest count that fits."""
+    """Per-GPU memory for `recipe_values` on `gpus` GPUs of `gpu_memory_gb` each, and the smallest count that fits.
+
+    `per_gpu_gb` (the verdict) is a steady training step: from the second optimizer step on, the optimizer state and
+    the accumulated gradients are resident while forward and backward run. `first_step_gb` is the first step, what
+    bench/qlora_132b.py measures: no optimizer state until `optimizer.step()`, gradients appearing during backward.
+    """
     from dbrx_tune.parallel.zero3 import expert_parallel_size, zero_stage
 
-    method = "qlora" if recipe_values.get("load_in_4bit") else "lora" if recipe_values.get("use_peft") else "full"
+    method = recipe_method(recipe_values)
     stage = zero_stage(ds_config)
     ep = expert_parallel_size(ds_config)
+    sp = sequence_parallel_size(recipe_values, ds_config)
     zero = (ds_config or {}).get("zero_optimization") or {}
     offload_opt = (zero.get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")
     offload_par = (zero.get("offload_param") or {}).get("device") in ("cpu", "nvme")
-    seq = int(recipe_values.get("max_length") or 1024)
+    seq = check_sequence_length(recipe_values, shape, recipe)
     batch = int(recipe_values.get("per_device_train_batch_size") or 1)
     checkpointing = bool(recipe_values.get("gradient_checkpointing", False))
+    fused_loss = bool(recipe_values.get("fused_loss", True))
+    offload_acts = bool(recipe_values.get("activation_offload", False))
+    moe_chunk = recipe_values.get("moe_token_chunk") or None
 
     if ep > 1 and not shape.is_moe:
         raise ValueError(
             f"{recipe or 'recipe'}: the DeepSpeed config asks for expert parallelism (autoep_size {ep}) "
             "but the model is dense; remove the expert_parallel block"
         )
+    if seq % sp:
+        raise ValueError(f"{recipe or 'recipe'}: max_length {seq} is not divisible by sp_size {sp}")
     total, experts_layer = shape.total_params, shape.expert_params_per_layer
     rank = int(recipe_values.get("lora_r") or 16)
     trainable = total if method == "full" else shape.lora_params(rank, lora_targets(recipe_values, shape))
     # QLoRA keeps attention and experts / MLP in NF4 (DBRX's experts always with double-quantized scales, as
     # DbrxNF4Experts stores them; bitsandbytes' nn.Linear layers as use_bnb_nested_quant says). Embeddings, LM head,
-    # norms and router stay bf16.
+    # norms and router stay bf16. PEFT keeps the adapters in fp32 beside the frozen weights.
     attention, experts = shape.n_layers * shape.attention_params_per_layer, shape.n_layers * experts_layer
     linear_nf4 = NF4_NESTED_BYTES if recipe_values.get("use_bnb_nested_quant") else NF4_BYTES
     attention_bytes_per = linear_nf4 if method == "qlora" else 2
     expert_bytes_per = (NF4_NESTED_BYTES if shape.is_moe else linear_nf4) if method == "qlora" else 2
     weight_bytes = 2 * (total - attention - experts) + attention_bytes_per * attention + expert_bytes_per * experts
+    adapter_bytes = 0 if method == "full" else 4 * trainable
+    # one projection's experts dequantized to bf16 at a time (`experts_per_group` of them, default all)
+    group = min(int(recipe_values.get("experts_per_group") or shape.experts), shape.experts)
+    dequant = 2 * group * shape.ffn * shape.d_model if method == "qlora" else 0
+    acts = activations(
+        shape,
+        seq * batch // sp,
+        fused_loss=fused_loss,
+        offload=offload_acts and checkpointing,
+        moe_token_chunk=moe_chunk,
+        dequant_bytes=dequant,
+    )
 
     def per_gpu(n: int) -> dict[str, float]:
         params = weight_bytes / (n if stage == 3 and not offload_par else 1) * (0 if offload_par else 1)
+        params += adapter_bytes / (n if stage == 3 else 1)
         # bf16 gradients in full fine-tuning; PEFT keeps adapters (and so their gradients) in fp32
         grads = (2 if method == "full" else 4) * trainable / (n if stage >= 2 else 1)
-        optimizer = 0 if offload_opt else 12 * trainable / (n if stage >= 1 else 1)
+        # Adam: two fp32 moments, plus an fp32 master copy of bf16 weights (full fine-tuning; fp32 adapters need none)
+        optimizer = 0 if offload_opt else (12 if method == "full" else 8) * trainable / (n if stage >= 1 else 1)
         if method == "full" and stage < 3:
             optimizer = 12 * trainable / (n if stage >= 1 else 1)
         # ZeRO-3 working set: a gathered MoE block (all experts without EP, local experts with EP; a dense model's
@@ -296,18 +434,21 @@ def plan(
         if stage == 3:
             gathered_experts = experts_layer * expert_bytes_per / ep
             working = (1 + (1 if method == "full" else 0)) * gathered_experts
-        tokens = seq * batch
-        per_layer = activation_bytes_per_token_layer(shape) * tokens
-        logits = 3 * 4 * tokens * shape.vocab  # fp32 logits, their gradient and the log-softmax
-        full_acts = shape.n_layers * per_layer + logits
-        ckpt_acts = shape.n_layers * 2 * shape.d_model * tokens + per_layer + logits
-        return dict(params=params, grads=grads, optimizer=optimizer, working=working, full=full_acts, ckpt=ckpt_acts)
+        return dict(params=params, grads=grads, optimizer=optimizer, working=working)
+
+    step_acts = acts.checkpointed if checkpointing else acts.full
 
     def total_gb(parts: dict[str, float]) -> float:
-        acts = parts["ckpt"] if checkpointing else parts["full"]
-        return (
-            parts["params"] + parts["grads"] + parts["optimizer"] + parts["working"] + acts
-        ) / GIB + FRAMEWORK_OVERHEAD_GB
+        resident = parts["params"] + parts["grads"] + parts["optimizer"] + parts["working"]
+        return (resident + step_acts) / GIB + FRAMEWORK_OVERHEAD_GB
+
+    def first_step_gb(parts: dict[str, float]) -> float:
+        forward_backward = (
+            max(acts.logits_phase, acts.layer_phase + parts["grads"]) if checkpointing else acts.full + parts["grads"]
+        )
+        optimizer_step = parts["grads"] + parts["optimizer"]
+        peak = parts["params"] + parts["working"] + max(forward_backward, optimizer_step)
+        return peak / GIB + FRAMEWORK_OVERHEAD_GB
 
     parts = per_gpu(gpus)
     need = total_gb(parts)
@@ -315,30 +456,35 @@ def plan(
         (
             n
             for n in range(1, 4097)
-            if n % ep == 0 and shape.experts % ep == 0 and total_gb(per_gpu(n)) <= gpu_memory_gb
+            if n % ep == 0 and n % sp == 0 and shape.experts % ep == 0 and total_gb(per_gpu(n)) <= gpu_memory_gb
         ),
         None,
     )
-    acts = parts["ckpt"] if checkpointing else parts["full"]
     return Plan(
         recipe=recipe,
         method=method,
         zero_stage=stage,
         ep_size=ep,
+        sp_size=sp,
         gpus=gpus,
         gpu_memory_gb=gpu_memory_gb,
         seq_len=seq,
         micro_batch=batch,
         gradient_checkpointing=checkpointing,
+        fused_loss=fused_loss,
+        activation_offload=offload_acts,
+        moe_token_chunk=moe_chunk,
         params_gb=round(parts["params"] / GIB, 2),
         gradients_gb=round(parts["grads"] / GIB, 2),
         optimizer_gb=round(parts["optimizer"] / GIB, 2),
         working_set_gb=round(parts["working"] / GIB, 2),
-        activations_gb=round(acts / GIB, 2),
-        activations_checkpointed_gb=round(parts["ckpt"] / GIB, 2),
-        activations_full_gb=round(parts["full"] / GIB, 2),
+        activations_gb=round(step_acts / GIB, 2),
+        activations_checkpointed_gb=round(acts.checkpointed / GIB, 2),
+        activations_full_gb=round(acts.full / GIB, 2),
+        host_activations_gb=round(acts.host / GIB, 2) if checkpointing else 0.0,
         overhead_gb=FRAMEWORK_OVERHEAD_GB,
         per_gpu_gb=round(need, 2),
+        first_step_gb=round(first_step_gb(parts), 2),
         fits=need <= gpu_memory_gb,
         min_gpus=min_gpus,
     )
@@ -367,20 +513,28 @@ def plan_recipe(path: str, *, gpus: int, gpu_memory_gb: float, overrides: dict[s
     )
 
 
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def _table(result: Plan) -> str:
     rows = [
         ("recipe", result.recipe),
         ("method", result.method),
-        ("ZeRO stage / EP size", f"{result.zero_stage} / {result.ep_size}"),
+        ("ZeRO stage / EP size / SP size", f"{result.zero_stage} / {result.ep_size} / {result.sp_size}"),
         ("sequence length x micro-batch", f"{result.seq_len} x {result.micro_batch}"),
+        ("fused loss / activation offload", f"{_on(result.fused_loss)} / {_on(result.activation_offload)}"),
+        ("MoE token chunk", str(result.moe_token_chunk or "off")),
         ("parameters", f"{result.params_gb:.2f} GB"),
         ("gradients", f"{result.gradients_gb:.2f} GB"),
         ("optimizer state", f"{result.optimizer_gb:.2f} GB"),
         ("ZeRO-3 gathered working set", f"{result.working_set_gb:.2f} GB"),
         ("activations, checkpointing", f"{result.activations_checkpointed_gb:.2f} GB"),
         ("activations, no checkpointing", f"{result.activations_full_gb:.2f} GB"),
+        ("activations offloaded to host memory", f"{result.host_activations_gb:.2f} GB"),
         ("framework overhead", f"{result.overhead_gb:.2f} GB"),
         (f"per GPU (checkpointing {'on' if result.gradient_checkpointing else 'off'})", f"{result.per_gpu_gb:.2f} GB"),
+        ("first step (no optimizer state yet)", f"{result.first_step_gb:.2f} GB"),
         (f"fits on {result.gpus} x {result.gpu_memory_gb:g} GB", "yes" if result.fits else "no"),
         ("smallest GPU count that fits", str(result.min_gpus) if result.min_gpus else "none up to 4096"),
     ]

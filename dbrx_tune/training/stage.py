@@ -36,6 +36,7 @@ from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config
 from dbrx_tune.parallel.zero3 import expert_parallel_size
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
+from dbrx_tune.training.offload import check_long_context_settings
 from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 
 logger = logging.getLogger("dbrx_tune")
@@ -78,6 +79,7 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         check_experts_precision(recipe.model, args.deepspeed)
         if args.deepspeed:
             check_parallelism(recipe, config)
+        check_long_context_settings(recipe, config)
         check_vibe_settings(recipe, training_class)
     except (OutputDirError, ParallelConfigError, OSError, ValueError) as err:
         raise SystemExit(f"error: {recipe.path}: {err}") from None

@@ -1,0 +1,134 @@
+"""Long context without changing a number: MoE token chunks and activation offload give the same loss and gradients
+(fp32, tiny DBRX), and their settings are refused before any weights load when they cannot work."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import DbrxForCausalLM
+
+from dbrx_tune.modeling.config import tiny_dbrx_config
+from dbrx_tune.modeling.experts import set_experts_implementation, set_moe_token_chunk
+from dbrx_tune.modeling.lora import apply_expert_lora
+from dbrx_tune.modeling.quantized_experts import quantize_experts_4bit
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
+
+
+def _tiny_lora_model(four_bit: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = tiny_dbrx_config(vocab_size=256, pad_token_id=255, bos_token_id=254, eos_token_id=254)
+    model = set_experts_implementation(DbrxForCausalLM(config).float(), "grouped")
+    if four_bit:
+        quantize_experts_4bit(model)
+    model = apply_expert_lora(model, r=4, alpha=8)
+    with torch.no_grad():  # LoRA's B starts at zero: make the adapters contribute so their gradients differ
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    return model.train()
+
+
+def _loss_and_grads(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same(reference, other) -> None:
+    (loss, grads), (other_loss, other_grads) = reference, other
+    torch.testing.assert_close(other_loss, loss, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == other_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(other_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["grouped", "nf4"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_moe_token_chunks_give_the_same_loss_and_gradients(four_bit, checkpointing):
+    model = _tiny_lora_model(four_bit)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(1))
+    whole = _loss_and_grads(model, input_ids)
+    set_moe_token_chunk(model, 7)  # 48 tokens in chunks of 7, the last one short
+    chunks = [m.token_chunk for m in model.modules() if hasattr(type(m), "token_chunk")]
+    assert chunks and set(chunks) == {7}
+    _assert_same(whole, _loss_and_grads(model, input_ids))
+
+
+def test_moe_token_chunk_refuses_the_eager_experts():
+    model = DbrxForCausalLM(tiny_dbrx_config(vocab_size=256, pad_token_id=255, bos_token_id=254, eos_token_id=254))
+    with pytest.raises(ValueError, match="moe_token_chunk needs experts_implementation: grouped"):
+        set_moe_token_chunk(model, 8)
+
+
+def test_activation_offload_moves_checkpointed_inputs_to_host_and_keeps_the_numbers(monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    packed = []
+
+    class RecordingSaveOnCpu(torch.autograd.graph.save_on_cpu):
+        """transformers' own offload context, recording what it packs. On a CPU the host copy is a clone (pinned
+        memory needs an accelerator, and `.cpu()` of a CPU tensor is the tensor itself)."""
+
+        def __init__(self, pin_memory: bool = False, device_type: str = "cuda"):
+            super().__init__(pin_memory=False, device_type=device_type)
+            pack = self.pack_hook
+            self.pack_hook = lambda tensor: packed.append(tuple(tensor.shape)) or pack(tensor.detach().clone())
+
+    monkeypatch.setattr(modeling_utils, "save_on_cpu", RecordingSaveOnCpu)
+    model = _tiny_lora_model(four_bit=False)
+    input_ids = torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(1))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    on_device = _loss_and_grads(model, input_ids)
+    assert not packed
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=True)
+    offloaded = _loss_and_grads(model, input_ids)
+    d_model, layers = model.config.d_model, model.config.n_layers
+    assert packed.count((2, 24, d_model)) == layers  # every block's input went through the host copy
+    _assert_same(on_device, offloaded)
+
+
+def _start(tmp_path, *overrides: str):
+    from dbrx_tune.training.stage import start_stage
+    from sft.train import SFTConfig
+
+    return start_stage(
+        [SFT_RECIPE, "--output_dir", str(tmp_path / "out"), "--report_to", "none", *overrides], SFTConfig
+    )
+
+
+def test_activation_offload_switches_on_transformers_checkpoint_offload(tmp_path, monkeypatch):
+    import dbrx_tune.training.offload as offload
+    from dbrx_tune.build import load_model_config
+
+    monkeypatch.chdir(REPO_ROOT)
+    recipe = _start(tmp_path, "--gradient_checkpointing", "true", "--use_cpu", "false")
+    assert not (recipe.training.activation_checkpointing_kwargs or {}).get("offload")
+    recipe.model.activation_offload = True
+    monkeypatch.setattr(offload.torch.cuda, "is_available", lambda: True)  # as on a GPU node (nothing is moved)
+    offload.check_long_context_settings(recipe, load_model_config(recipe.model))
+    assert recipe.training.activation_checkpointing_kwargs["offload"] is True
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("--activation_offload", "true"), "activation_offload: .* set gradient_checkpointing: true"),
+        (("--max_length", "4096"), "max_length 4096 exceeds the model's max_seq_len 512"),
+        (("--gradient_checkpointing", "true", "--activation_offload", "true"), "need .* GB of host memory, 0.0 GB"),
+    ],
+)
+def test_long_context_settings_are_refused_before_loading(tmp_path, monkeypatch, overrides, message):
+    import dbrx_tune.training.offload as offload
+
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr(offload, "available_host_memory", lambda: 0)
+    with pytest.raises(SystemExit, match=message):
+        _start(tmp_path, *overrides)
+    assert not (tmp_path / "out").exists()
