@@ -31,8 +31,10 @@ from provenance import provenance, write_result
 from torch import nn
 from transformers import DbrxConfig, DbrxForCausalLM
 from transformers.models.dbrx.modeling_dbrx import DbrxRotaryEmbedding
+from trl.trainer.utils import add_fused_lm_head
 
 from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
+from dbrx_tune.modeling.experts import set_moe_token_chunk
 from dbrx_tune.modeling.lora import apply_expert_lora
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts
@@ -150,6 +152,16 @@ def main() -> None:
         default=None,
         help="experts dequantized at once in the forward (default: all 16)",
     )
+    parser.add_argument(
+        "--lm-head",
+        choices=("fused", "model"),
+        default="fused",
+        help="TRL's fused LM head, as the SFT stage runs (default), or the model's forward with full logits",
+    )
+    parser.add_argument(
+        "--activation-offload", action="store_true", help="checkpointed block inputs in pinned host memory"
+    )
+    parser.add_argument("--moe-token-chunk", type=int, default=None, help="experts over this many tokens at a time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU: checks the script runs")
     parser.add_argument(
@@ -189,7 +201,15 @@ def main() -> None:
     began = time.perf_counter()
     model = build_qlora_base(config, device, dtype, args.attention, args.experts_per_group)
     build_peak = peak()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False}, offload=args.activation_offload and on_cuda
+    )
+    if args.moe_token_chunk:
+        set_moe_token_chunk(model, args.moe_token_chunk)
+    head_kwargs = {}
+    if args.lm_head == "fused":
+        add_fused_lm_head(model)  # before PEFT, as TRL's SFTTrainer does
+        head_kwargs["fused_lm_head"] = True
     model = apply_expert_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -204,7 +224,7 @@ def main() -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     began = time.perf_counter()
-    loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True).loss
+    loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, **head_kwargs).loss
     loss.backward()
     peak_forward_backward = peak()
     grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in trainable if p.grad is not None)
@@ -230,6 +250,9 @@ def main() -> None:
         "build_peak_gb": gb(build_peak),
         "weights_breakdown_gb": breakdown,
         "seq_len": args.seq_len,
+        "lm_head": args.lm_head,
+        "activation_offload": args.activation_offload,
+        "moe_token_chunk": args.moe_token_chunk,
         "batch": 1,
         "n_layers": config.n_layers,
         "attention": "bitsandbytes Linear4bit NF4 (double quant)" if args.attention == "nf4" else "bf16",
