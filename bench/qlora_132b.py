@@ -17,6 +17,7 @@ Memory is reported in GB (1e9 bytes) and GiB from `torch.cuda.memory_allocated`/
     peak_gb          peak over the whole step
 
     python bench/qlora_132b.py [--seq-len 4096] [--layers 40] [--attention nf4|bf16] [--lora-r 16]
+        [--activation-offload] [--moe-token-chunk N]     # the long-context settings of recipes/dbrx_sft_qlora_32k
     python bench/qlora_132b.py --smoke --output /tmp/qlora.json     # tiny model on the CPU, seconds
 """
 
@@ -33,6 +34,7 @@ from transformers import DbrxConfig, DbrxForCausalLM
 from transformers.models.dbrx.modeling_dbrx import DbrxRotaryEmbedding
 
 from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
+from dbrx_tune.modeling.experts import set_moe_token_chunk
 from dbrx_tune.modeling.lora import apply_expert_lora
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts
@@ -150,6 +152,14 @@ def main() -> None:
         default=None,
         help="experts dequantized at once in the forward (default: all 16)",
     )
+    parser.add_argument(
+        "--activation-offload",
+        action="store_true",
+        help="checkpointed block inputs in pinned host memory (transformers' offload, the recipe's activation_offload)",
+    )
+    parser.add_argument(
+        "--moe-token-chunk", type=int, default=None, help="experts over this many tokens at a time (moe_token_chunk)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU: checks the script runs")
     parser.add_argument(
@@ -189,7 +199,10 @@ def main() -> None:
     began = time.perf_counter()
     model = build_qlora_base(config, device, dtype, args.attention, args.experts_per_group)
     build_peak = peak()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}, offload=args.activation_offload and on_cuda
+    )
+    set_moe_token_chunk(model, args.moe_token_chunk)
     model = apply_expert_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -235,6 +248,9 @@ def main() -> None:
         "attention": "bitsandbytes Linear4bit NF4 (double quant)" if args.attention == "nf4" else "bf16",
         "experts": "DbrxNF4Experts NF4 (block 64, double quant)",
         "experts_per_group": args.experts_per_group or config.ffn_config.moe_num_experts,
+        "fused_loss": False,  # the model's own loss: lm_head logits + fp32 cross-entropy
+        "activation_offload": args.activation_offload,
+        "moe_token_chunk": args.moe_token_chunk,
         "lora": {
             "r": args.lora_r,
             "alpha": 2 * args.lora_r,
