@@ -196,8 +196,8 @@ def run_experts(
     """
     batch_size = hidden_states.shape[0]
     x = hidden_states.reshape(-1, module.hidden_size)
-    top_k_index = top_k_index.reshape(x.shape[0], -1)
-    top_k_weights = top_k_weights.reshape(x.shape[0], -1)
+    top_k_index = top_k_index.reshape(x.shape[0], top_k_index.shape[-1])
+    top_k_weights = top_k_weights.reshape(x.shape[0], top_k_weights.shape[-1])
     chunk = getattr(module, "token_chunk", None)
 
     def rows(x, top_k_index, top_k_weights):
