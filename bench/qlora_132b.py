@@ -17,6 +17,7 @@ Memory is reported in GB (1e9 bytes) and GiB from `torch.cuda.memory_allocated`/
     peak_gb          peak over the whole step
 
     python bench/qlora_132b.py [--seq-len 4096] [--layers 40] [--attention nf4|bf16] [--lora-r 16]
+        [--activation-offload] [--moe-token-chunk N]     # the long-context settings of recipes/dbrx_sft_qlora_32k
     python bench/qlora_132b.py --smoke --output /tmp/qlora.json     # tiny model on the CPU, seconds
 """
 
@@ -251,13 +252,14 @@ def main() -> None:
         "weights_breakdown_gb": breakdown,
         "seq_len": args.seq_len,
         "lm_head": args.lm_head,
-        "activation_offload": args.activation_offload,
-        "moe_token_chunk": args.moe_token_chunk,
         "batch": 1,
         "n_layers": config.n_layers,
         "attention": "bitsandbytes Linear4bit NF4 (double quant)" if args.attention == "nf4" else "bf16",
         "experts": "DbrxNF4Experts NF4 (block 64, double quant)",
         "experts_per_group": args.experts_per_group or config.ffn_config.moe_num_experts,
+        "fused_loss": args.lm_head == "fused",  # TRL's fused LM head; else lm_head logits + fp32 cross-entropy
+        "activation_offload": args.activation_offload,
+        "moe_token_chunk": args.moe_token_chunk,
         "lora": {
             "r": args.lora_r,
             "alpha": 2 * args.lora_r,

@@ -132,3 +132,27 @@ def test_long_context_settings_are_refused_before_loading(tmp_path, monkeypatch,
     with pytest.raises(SystemExit, match=message):
         _start(tmp_path, *overrides)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_32k_qlora_recipe_plans_to_fit_one_80gb_gpu(monkeypatch):
+    from dbrx_tune.tools.plan import plan_recipe
+
+    monkeypatch.chdir(REPO_ROOT)
+    result = plan_recipe("recipes/dbrx_sft_qlora_32k.yaml", gpus=1, gpu_memory_gb=80)
+    assert result.seq_len == 32768 and result.fused_loss and result.activation_offload and result.moe_token_chunk
+    assert result.fits and result.min_gpus == 1 and result.host_activations_gb > 0
+
+
+@pytest.mark.slow
+def test_tiny_twin_of_the_32k_qlora_recipe_trains_on_cpu(tmp_path, monkeypatch):
+    import json
+
+    from sft.train import main as train_sft
+
+    monkeypatch.chdir(REPO_ROOT)
+    output_dir = tmp_path / "out"
+    train_sft([os.path.join("recipes", "tiny", "dbrx_sft_qlora_32k.yaml"), "--output_dir", str(output_dir)])
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [row["loss"] for row in history if "loss" in row]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    assert (output_dir / "adapter_model.safetensors").exists()
