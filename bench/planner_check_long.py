@@ -61,26 +61,42 @@ def planned(run: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--recorded",
+        nargs="+",
+        metavar="NAME=JSON",
+        help="compare against recorded bench/qlora_132b.py results instead of running it (no GPU needed)",
+    )
     parser.add_argument("--output", default=os.path.join(REPO_ROOT, "bench", "results", "planner_check_long.json"))
     args = parser.parse_args()
     results: dict = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in args.configs.split(","):
-            path = os.path.join(scratch, f"{name}.json")
-            command = [sys.executable, os.path.join(REPO_ROOT, "bench", "qlora_132b.py"), *CONFIGS[name]]
-            done = subprocess.run([*command, "--output", path], cwd=REPO_ROOT, capture_output=True, text=True)
-            if done.returncode:
-                results[name] = {"error": done.stderr.strip().splitlines()[-1:]}
-                print(f"{name}: failed: {results[name]['error']}")
-                continue
+
+    def record(name: str, run: dict, settings) -> None:
+        entry = {**planned(run), "measured_gb": run["peak_gib"], "measured_decimal_gb": run["peak_gb"]}
+        entry["rel_error"] = round(entry["predicted_gb"] / entry["measured_gb"] - 1, 3)
+        entry.update({key: run[key] for key in ("seq_len", "step_s", "activations_gb", "optimizer_gb")})
+        entry["settings"] = settings
+        results[name] = entry
+        print(f"{name}: predicted {entry['predicted_gb']} GiB, measured {entry['measured_gb']} GiB")
+
+    if args.recorded:
+        for item in args.recorded:
+            name, path = item.split("=", 1)
             with open(path, encoding="utf-8") as handle:
                 run = json.load(handle)
-            entry = {**planned(run), "measured_gb": run["peak_gib"], "measured_decimal_gb": run["peak_gb"]}
-            entry["rel_error"] = round(entry["predicted_gb"] / entry["measured_gb"] - 1, 3)
-            entry.update({key: run[key] for key in ("seq_len", "step_s", "activations_gb", "optimizer_gb")})
-            entry["settings"] = CONFIGS[name]
-            results[name] = entry
-            print(f"{name}: predicted {entry['predicted_gb']} GiB, measured {entry['measured_gb']} GiB")
+            record(name, run, {"recorded": os.path.relpath(path, REPO_ROOT), "command": run.get("command")})
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            for name in args.configs.split(","):
+                path = os.path.join(scratch, f"{name}.json")
+                command = [sys.executable, os.path.join(REPO_ROOT, "bench", "qlora_132b.py"), *CONFIGS[name]]
+                done = subprocess.run([*command, "--output", path], cwd=REPO_ROOT, capture_output=True, text=True)
+                if done.returncode:
+                    results[name] = {"error": done.stderr.strip().splitlines()[-1:]}
+                    print(f"{name}: failed: {results[name]['error']}")
+                    continue
+                with open(path, encoding="utf-8") as handle:
+                    record(name, json.load(handle), CONFIGS[name])
     results.update(measured="torch.cuda.max_memory_allocated of one bench/qlora_132b.py step, GiB")
     write_result(args.output, {**results, **provenance("NVIDIA H200")})
 
