@@ -31,6 +31,7 @@ from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
 from dbrx_tune.modeling.value_head import DbrxForTokenValue
+from dbrx_tune.modeling.weight_files import check_weight_files
 from dbrx_tune.parallel.launch import read_json_config
 from dbrx_tune.parallel.zero3 import apply_experts_implementation, gathered, prepare_for_deepspeed, zero_stage
 
@@ -185,6 +186,7 @@ def load_pretrained(model_class: type, model_args: ModelArguments, config: Pretr
         return build(
             config, dtype=None if dtype == "auto" else dtype, attn_implementation=model_args.attn_implementation
         )
+    check_weight_files(model_args.model_name_or_path)
     try:
         return model_class.from_pretrained(
             model_args.model_name_or_path,

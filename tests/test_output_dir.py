@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -18,17 +19,63 @@ def test_foreign_non_empty_directory_is_refused_and_left_intact(tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(OutputDirError, match="not empty and was not written by a dbrx_tune run.*precious.txt"):
         check_output_dir(str(tmp_path), overwrite=False, resume=False)
-    check_output_dir(str(tmp_path), overwrite=True, resume=False)
+    check_output_dir(str(tmp_path), overwrite=True, resume=False)  # written beside, never deleted
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_earlier_run_with_checkpoints_needs_resume_or_overwrite(tmp_path):
+def _checkpoint(root, step: int, complete: bool = True):
+    path = root / f"checkpoint-{step}"
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"weights")
+    if complete:  # transformers' Trainer writes trainer_state.json last
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_earlier_run_with_checkpoints_needs_resume_and_overwrite_cannot_destroy_them(tmp_path):
     mark_output_dir(str(tmp_path), "sft", "recipe.yaml")
-    (tmp_path / "checkpoint-10").mkdir()
-    with pytest.raises(OutputDirError, match="resume_from_checkpoint latest"):
-        check_output_dir(str(tmp_path), overwrite=False, resume=False)
+    _checkpoint(tmp_path, 10)
+    for overwrite in (False, True):  # rotation would delete checkpoint-10, a save would replace it in place
+        with pytest.raises(OutputDirError, match="resume_from_checkpoint latest.*choose another output_dir"):
+            check_output_dir(str(tmp_path), overwrite=overwrite, resume=False)
     check_output_dir(str(tmp_path), overwrite=False, resume=True)
     assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-10")
+    assert resolve_resume_checkpoint(str(tmp_path), "true") == str(tmp_path / "checkpoint-10")  # the HF habit
+
+
+def test_overwrite_never_touches_a_users_checkpoints_or_saved_model(tmp_path):
+    """The data loss the issue reproduced: overwrite_output_dir let checkpoint rotation delete a user's checkpoint-1."""
+    user_checkpoint = _checkpoint(tmp_path, 1)
+    with pytest.raises(OutputDirError, match="files this toolkit did not write.*checkpoint-1"):
+        check_output_dir(str(tmp_path), overwrite=True, resume=False)
+    assert (user_checkpoint / "model.safetensors").read_bytes() == b"weights"
+    shutil.rmtree(user_checkpoint)  # the user moves it away; a saved model alone is protected too
+    (tmp_path / "model.safetensors").write_bytes(b"someone's model")
+    with pytest.raises(OutputDirError, match="model.safetensors"):
+        check_output_dir(str(tmp_path), overwrite=True, resume=False)
+    assert (tmp_path / "model.safetensors").read_bytes() == b"someone's model"
+
+
+def test_a_finished_runs_model_is_never_replaced_by_a_second_run_or_a_fresh_resume(tmp_path):
+    mark_output_dir(str(tmp_path), "sft", "recipe.yaml")
+    (tmp_path / "model.safetensors").write_bytes(b"final")  # save_strategy: no, so no checkpoints
+    for overwrite in (False, True):
+        with pytest.raises(OutputDirError, match="an earlier dbrx_tune run.*model.safetensors"):
+            check_output_dir(str(tmp_path), overwrite=overwrite, resume=False)
+    with pytest.raises(OutputDirError, match="finished run's model"):
+        resolve_resume_checkpoint(str(tmp_path), "latest")
+
+
+def test_resume_takes_the_newest_complete_checkpoint_past_a_partial_one(tmp_path, caplog):
+    mark_output_dir(str(tmp_path), "sft", "recipe.yaml")
+    _checkpoint(tmp_path, 4)
+    _checkpoint(tmp_path, 8)
+    partial = _checkpoint(tmp_path, 12, complete=False)  # killed during its save
+    assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-8")
+    assert "checkpoint-12 has no trainer_state.json" in caplog.text
+    assert partial.exists()  # left in place for the user to inspect
+    with pytest.raises(OutputDirError, match="checkpoint-12 has no trainer_state.json"):
+        resolve_resume_checkpoint(str(tmp_path), str(partial))
 
 
 def test_latest_without_checkpoint_starts_fresh_and_bad_path_is_named(tmp_path):

@@ -28,6 +28,7 @@ from dbrx_tune.build import finish_model, load_pretrained, resolve_dtype
 from dbrx_tune.modeling.config import fix_rope_parameters
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
+from dbrx_tune.modeling.weight_files import WeightFileError, check_weight_files
 from dbrx_tune.tokenizer import build_dbrx_tokenizer, ensure_pad_token, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,9 @@ class RewardModelError(ValueError):
 def check_reward_checkpoint(path: str, hint: str = TRAIN_ONE) -> PretrainedConfig:
     """Refuse, from its config alone, a checkpoint that is not a one-output sequence-classification model."""
     try:
-        config = AutoConfig.from_pretrained(path)
+        # trust_remote_code=False, explicitly: left unset, transformers asks on the terminal and "y" runs the
+        # directory's Python; reward models load with the toolkit's own DBRX classes
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise RewardModelError(
             f"reward model {path!r}: cannot read its config.json ({str(err).splitlines()[0]})"
@@ -90,6 +93,10 @@ def load_reward_model(
     for one GPU); `hint` ends the error for a checkpoint without a trained head.
     """
     config = check_reward_checkpoint(path, hint)
+    try:
+        check_weight_files(path)
+    except WeightFileError as err:
+        raise RewardModelError(f"reward model: {err}") from None
     model_args = model_args or ModelArguments(model_name_or_path=path)
     kwargs = {"output_loading_info": True} | ({"device_map": device_map} if device_map else {})
     if isinstance(config, DbrxConfig):
@@ -99,7 +106,12 @@ def load_reward_model(
         model = finish_model(model, rm_args)
     else:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, dtype=resolve_dtype(model_args.dtype), use_safetensors=True, **kwargs
+            path,
+            config=config,
+            dtype=resolve_dtype(model_args.dtype),
+            use_safetensors=True,
+            trust_remote_code=False,
+            **kwargs,
         )
     try:
         require_trained_reward_weights(path, model, info, hint=hint)
@@ -122,9 +134,10 @@ def load_eval_tokenizer(model_path: str, tokenizer_path: str | None = None) -> P
     """
     source = tokenizer_path or model_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
-        if tokenizer_path is None and isinstance(AutoConfig.from_pretrained(model_path), DbrxConfig):
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+        if tokenizer_path is None and isinstance(config, DbrxConfig):
             logger.info("%s ships no tokenizer (%s); using the offline DBRX tokenizer", model_path, err)
             tokenizer = build_dbrx_tokenizer()
         else:

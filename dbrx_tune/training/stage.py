@@ -32,6 +32,7 @@ from dbrx_tune.data.validation import (
 from dbrx_tune.evals.vibes.callback import VibeCallback
 from dbrx_tune.evals.vibes.check import VibeChecker
 from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
+from dbrx_tune.modeling.weight_files import check_weight_files
 from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config, read_json_config
 from dbrx_tune.parallel.zero3 import expert_parallel_size
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
@@ -75,7 +76,12 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         check_output_dir(
             args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
         )
+        resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
         config = load_model_config(recipe.model)
+        if not recipe.model.random_init:
+            check_weight_files(recipe.model.model_name_or_path)
+        if resume is not None:
+            check_weight_files(resume)
         check_experts_precision(recipe.model, args.deepspeed)
         if args.deepspeed:
             check_parallelism(recipe, config)
