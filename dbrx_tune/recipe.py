@@ -67,13 +67,35 @@ class Recipe:
     vibes: VibeArguments = field(default_factory=VibeArguments)  # vibe checks while training (dbrx_tune.evals.vibes)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice (plain PyYAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml_mapping(path: str) -> dict[str, Any]:
     """Read a recipe file; any problem is a `RecipeError` naming the file."""
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file not found: {path}")
     try:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle)
+            values = yaml.load(handle, Loader=_UniqueKeyLoader)  # a SafeLoader: builds no Python objects
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save the recipe as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: malformed YAML: {err}") from err
     if values is None:
@@ -243,6 +265,7 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
             instances[cls] = cls(**kwargs[cls])
         except (TypeError, ValueError) as err:
             raise RecipeError(f"{path}: invalid {cls.__name__}: {err}") from err
+    check_values(path, instances[ModelArguments], instances[training_class])
     return Recipe(
         path=path,
         model=instances[ModelArguments],
@@ -253,3 +276,37 @@ def parse_recipe(argv: list[str], training_class: type, extra_class: type | None
         stage=instances[extra_class] if extra_class else None,
         vibes=instances[VibeArguments],
     )
+
+
+def check_values(path: str, model: ModelArguments, training: Any) -> None:
+    """Refuse values that would fail (or silently do nothing) only after the model has loaded: one line, the key."""
+    problems = []
+
+    def positive(obj: Any, key: str) -> None:
+        value = getattr(obj, key, None)
+        if value is not None and value < 1:
+            problems.append(f"{key} must be at least 1, got {value}")
+
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        positive(training, key)
+    if getattr(training, "learning_rate", 0) < 0:
+        problems.append(f"learning_rate must not be negative, got {training.learning_rate}")
+    if getattr(training, "max_steps", -1) == 0 or (
+        getattr(training, "max_steps", -1) < 0 and getattr(training, "num_train_epochs", 1) <= 0
+    ):
+        problems.append(
+            f"no training steps (num_train_epochs {getattr(training, 'num_train_epochs', None)}, "
+            f"max_steps {getattr(training, 'max_steps', None)}): set num_train_epochs > 0 or max_steps > 0"
+        )
+    for key in ("max_length", "max_prompt_length", "max_completion_length"):
+        value = getattr(training, key, None)
+        if value is not None and value <= 0:
+            problems.append(f"{key} must be positive, got {value}")
+    if model.use_peft:
+        positive(model, "lora_r")
+        if model.lora_alpha is not None and model.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be positive, got {model.lora_alpha}")
+    if model.load_in_4bit and not model.use_peft:
+        problems.append("load_in_4bit freezes the base weights: set use_peft: true (QLoRA)")
+    if problems:
+        raise RecipeError(f"{path}: " + "; ".join(problems))
