@@ -47,3 +47,16 @@ def test_a_recipe_that_is_not_utf8_is_named(tmp_path):
     recipe.write_bytes("model_name_or_path: caf\xe9\n".encode("latin-1"))
     with pytest.raises(RecipeError, match="latin1.yaml: not UTF-8 text"):
         parse_recipe([str(recipe)], SFTConfig)
+
+
+def test_an_empty_or_non_utf8_data_file_is_named_with_its_line(tmp_path):
+    from dbrx_tune.data import load_splits
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: the file is empty"):
+        load_splits(str(empty))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "ok", "completion": "ok"}\n{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(ValueError, match="latin.jsonl: line 2 is not UTF-8"):
+        load_splits(str(latin))

@@ -79,6 +79,24 @@ def _first_bad_json_line(path: str) -> str | None:
     return None
 
 
+def check_text_data_file(path: str) -> None:
+    """Refuse an empty JSON/JSONL file and one that is not UTF-8, naming the file and line (datasets would raise a
+    bare StopIteration for the first and read the second as replacement characters)."""
+    has_content = False
+    with open(path, "rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}: line {lineno} is not UTF-8 (byte {err.start} of the line: {err.reason}); "
+                    "re-encode the file as UTF-8"
+                ) from None
+            has_content = has_content or bool(line.strip())
+    if not has_content:
+        raise ValueError(f"{path}: the file is empty: no rows to train on")
+
+
 def _load_data_files(data_files: dict[str, str | list[str]], source: str) -> DatasetDict:
     """Load local data files with the builder their extension names; unreadable lines are named."""
     paths = [p for files in data_files.values() for p in ([files] if isinstance(files, str) else files)]
@@ -88,6 +106,9 @@ def _load_data_files(data_files: dict[str, str | list[str]], source: str) -> Dat
             f"{source}: expected data files of one kind among {sorted(DATA_FILE_BUILDERS)}, got {sorted(suffixes)}"
         )
     builder = DATA_FILE_BUILDERS[suffixes.pop()]
+    for path in paths:
+        if Path(path).suffix in (".json", ".jsonl"):
+            check_text_data_file(path)
     try:
         return load_dataset(builder, data_files=data_files)
     except DatasetGenerationError as err:
