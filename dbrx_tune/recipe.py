@@ -306,7 +306,20 @@ def check_values(path: str, model: ModelArguments, training: Any) -> None:
         positive(model, "lora_r")
         if model.lora_alpha is not None and model.lora_alpha <= 0:
             problems.append(f"lora_alpha must be positive, got {model.lora_alpha}")
+    report_to = getattr(training, "report_to", None) or []
+    missing = [name for name in report_to if name not in ("none", "all") and name not in _installed_reporters()]
+    if missing:
+        problems.append(
+            f"report_to {missing}: not installed here (installed: {_installed_reporters() or 'none'}); install it "
+            "or set report_to: none"
+        )
     if model.load_in_4bit and not model.use_peft:
         problems.append("load_in_4bit freezes the base weights: set use_peft: true (QLoRA)")
     if problems:
         raise RecipeError(f"{path}: " + "; ".join(problems))
+
+
+def _installed_reporters() -> list[str]:
+    from transformers.integrations import get_available_reporting_integrations
+
+    return get_available_reporting_integrations()

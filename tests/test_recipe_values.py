@@ -22,6 +22,7 @@ BASE = ["--use_cpu", "true", "--bf16", "false"]
         (["--max_length", "-5"], "max_length must be positive, got -5"),
         (["--use_peft", "true", "--lora_r", "0"], "lora_r must be at least 1, got 0"),
         (["--load_in_4bit", "true", "--use_peft", "false"], "load_in_4bit freezes the base weights"),
+        (["--report_to", "not_a_tracker"], r"report_to \['not_a_tracker'\]: not installed here"),
     ],
 )
 def test_bad_values_are_refused_at_parse_time_naming_the_key(override, message):
