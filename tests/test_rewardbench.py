@@ -370,10 +370,27 @@ def test_cli_scores_v1_sample_with_prior_sets_and_writes_leaderboard_files(
         "shp",
         "summarize",
     }
+    # run_rm.py's types: int ids (the dataset's), int results, each score a one-element list
+    assert all(isinstance(i, int) for i in scores["id"]) and all(r in (0, 1) for r in scores["results"])
+    assert all(type(r) is int for r in scores["results"])
+    for key in ("scores_chosen", "scores_rejected"):
+        assert all(isinstance(v, list) and len(v) == 1 and isinstance(v[0], float) for v in scores[key])
+    assert set(scores) == {
+        "id",
+        "results",
+        "scores_chosen",
+        "scores_rejected",
+        "subset",
+        "text_chosen",
+        "text_rejected",
+        "model",
+        "model_type",
+        "chat_template",
+    }
     # accuracies follow from the per-example scores under the strict win rule
     for subset in V1_EXAMPLE_COUNTS:
         rows = [i for i, s in enumerate(scores["subset"]) if s == subset]
-        wins = [scores["scores_chosen"][i] > scores["scores_rejected"][i] for i in rows]
+        wins = [scores["scores_chosen"][i][0] > scores["scores_rejected"][i][0] for i in rows]
         assert results[subset] == pytest.approx(sum(wins) / len(wins))
         assert [scores["results"][i] for i in rows] == [int(w) for w in wins]
     # a stored score is the model's score of the stored chat-templated text, scored alone (no batching/padding)
@@ -383,7 +400,7 @@ def test_cli_scores_v1_sample_with_prior_sets_and_writes_leaderboard_files(
         [{"role": "user", "content": json.loads(V1_SAMPLE.read_text().splitlines()[0])["prompt"]}],
         json.loads(V1_SAMPLE.read_text().splitlines()[0])["chosen"],
     )
-    assert scores["scores_chosen"][0] == pytest.approx(_score_text(reward_model_dir, tokenizer, first), abs=1e-5)
+    assert scores["scores_chosen"][0][0] == pytest.approx(_score_text(reward_model_dir, tokenizer, first), abs=1e-5)
 
     printed = capsys.readouterr().out
     report = v1_sections(
@@ -413,20 +430,22 @@ def test_cli_scores_v2_sample_with_ties_subset(reward_model_dir, tokenizer, tmp_
     assert code == 0
     results = json.loads((tmp_path / "eval-set/local/tiny-rm.json").read_text())
     scores = json.loads((tmp_path / "eval-set-scores/local/tiny-rm.json").read_text())
+    # run_v2.py's types: string ids, each completion's score a one-element list
+    assert all(isinstance(i, str) for i in scores["id"])
+    assert all(len(cell) == 1 and isinstance(cell[0], float) for row in scores["scores"] for cell in row)
+    flat = [[cell[0] for cell in row] for row in scores["scores"]]
     ties_rows = [i for i, s in enumerate(scores["subset"]) if s == "Ties"]
     assert ties_rows and all(scores["results"][i] is None for i in ties_rows)
     assert results["Ties"] == pytest.approx(
         ties_score(
             [scores["id"][i] for i in ties_rows],
-            [scores["scores"][i] for i in ties_rows],
+            [flat[i] for i in ties_rows],
             [scores["num_correct"][i] for i in ties_rows],
         )
     )
     math_rows = [i for i, s in enumerate(scores["subset"]) if s == "Math"]
-    assert all(len(scores["scores"][i]) == 4 for i in math_rows)
-    assert results["Math"] == pytest.approx(
-        sum(best_of_n_result(scores["scores"][i]) for i in math_rows) / len(math_rows)
-    )
+    assert all(len(flat[i]) == 4 for i in math_rows)
+    assert results["Math"] == pytest.approx(sum(best_of_n_result(flat[i]) for i in math_rows) / len(math_rows))
 
 
 def test_cli_reports_unknown_subsets_without_dropping_them(reward_model_dir, tmp_path, capsys):

@@ -4,10 +4,11 @@ The layout is the one RewardBench's runners save and upload (github.com/allenai/
 `scripts/run_v2.py`, `scripts/run_dpo.py`, `rewardbench/utils.py::save_to_hub`):
 - `eval-set/<org>/<model>.json`: one object with `model`, `model_type`, `chat_template` (plus `ref_model` for DPO)
   and one accuracy per subset; `pref-sets/...` likewise for the prior sets.
-- `eval-set-scores/<org>/<model>.json`: the per-example table as columns (`datasets.Dataset.to_dict()`): v1 has
-  `text_chosen`, `text_rejected`, `results`, `subset`, `id`, `scores_chosen`, `scores_rejected`; v2 has `text`,
-  `scores` (lists, chosen first), `results` (null for Ties rows), `subset`, `id`, `num_correct`; plus `model`,
-  `model_type`, `chat_template`.
+- `eval-set-scores/<org>/<model>.json`: the per-example table as columns (`datasets.Dataset.to_dict()`), in the
+  writers' types (`official_scores_layout`): v1 classifiers have `text_chosen`, `text_rejected`, int `results`,
+  `subset`, int `id`, `scores_chosen` and `scores_rejected` as one-element lists; DPO has no `id` and float scores;
+  v2 has `text`, `scores` (per completion a one-element list, chosen first), `results` (null for Ties rows),
+  `subset`, string `id`, `num_correct`; plus `model`, `model_type`, `chat_template`.
 Files are JSON with indent 4 and sorted keys, as RewardBench writes them. Reference-free DPO results get the
 `_ref_free` suffix RewardBench uses.
 """
@@ -56,6 +57,32 @@ def _write(path: Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def _dataset_id(value: Any) -> Any:
+    """RewardBench v1's ids are the dataset's ints; ids of other data (strings) are kept as they are."""
+    return int(value) if isinstance(value, str) and value.isdigit() else value
+
+
+def official_scores_layout(table: Mapping[str, list], model_type: str) -> dict[str, list]:
+    """The per-example table with the types RewardBench's writers give each column.
+
+    run_rm.py (classifiers): int `id`, int `results`, each score a one-element list (`[[0.3], ...]`: its pipeline
+    returns one list per example); run_dpo.py: no `id` column, float scores; run_v2.py (a `text` column): string
+    `id`, each completion's score a one-element list."""
+    out = dict(table)
+    if "text" in out:  # v2
+        out["scores"] = [[[score] for score in row] for row in out["scores"]]
+        out["id"] = [str(value) for value in out["id"]]
+        return out
+    out["results"] = [int(result) for result in out["results"]]
+    if model_type == MODEL_TYPE_CLASSIFIER:
+        out["id"] = [_dataset_id(value) for value in out["id"]]
+        for key in ("scores_chosen", "scores_rejected"):
+            out[key] = [[score] for score in out[key]]
+    else:
+        out.pop("id", None)
+    return out
+
+
 def leaderboard_paths(
     output_dir: str | Path, model_name: str, *, prior_sets: bool = False, ref_free: bool = False
 ) -> tuple[Path, Path]:
@@ -92,7 +119,9 @@ def write_leaderboard_files(
     )
     _write(results_path, {**header, **accuracies})
     scores_header = {k: header[k] for k in ("model", "model_type", "chat_template")}
-    _write(scores_path, {**scores_table, **scores_header})
+    if model_type != MODEL_TYPE_CLASSIFIER:
+        scores_header["model_type"] = MODEL_TYPE_DPO  # run_dpo.py writes "DPO" in the scores file, ref-free too
+    _write(scores_path, {**official_scores_layout(scores_table, model_type), **scores_header})
     return results_path, scores_path
 
 
