@@ -40,3 +40,15 @@ def test_dpo_scores_file_matches_run_dpo(tmp_path):
     summary = json.loads(results_path.read_text())
     assert summary["model_type"] == "DPO Ref. Free" and summary["ref_model"] is None
     assert results_path.name == "policy_ref_free.json"
+
+
+def test_ties_margin_equal_to_the_spread_is_not_preferred_as_upstream():
+    """process_single_model compares `margin > spread` strictly: a margin equal to the spread earns neither margin
+    term (a planted `>=` passed the earlier tests)."""
+    from dbrx_tune.evals.rewardbench.sections import ties_score
+
+    ids, num_correct = ["ref:0", "tied:0"], [1, 2]
+    equal = [[3.0, 1.0], [5.0, 3.0, 1.0]]  # ref margin 2; tied margin 3 - 1 = 2 = spread 5 - 3
+    assert ties_score(ids, equal, num_correct) == 0.3 + 0.3  # both accurate; tanh(2 / 2 - 1) = 0
+    above = [[3.5, 1.0], [5.0, 3.0, 0.5]]  # margins 2.5 > spread 2
+    assert ties_score(ids, above, num_correct) > 0.3 + 0.3 + 0.2 + 0.2
