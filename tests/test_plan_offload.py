@@ -23,3 +23,16 @@ def test_the_shipped_offload_config_moves_optimizer_state_and_parameters_off_the
     assert offloaded.per_gpu_gb < on_gpu.per_gpu_gb - on_gpu.optimizer_gb + 1e-9
     # and the verdict follows: fewer GPUs fit when the optimizer lives in host memory
     assert offloaded.min_gpus is not None and (on_gpu.min_gpus is None or offloaded.min_gpus <= on_gpu.min_gpus)
+
+
+def test_a_gpu_count_that_cannot_hold_the_expert_parallel_size_is_refused():
+    expert_parallel = read_json_config("recipes/deepspeed/zero3_ep.json")  # autoep_size 8
+    with pytest.raises(ValueError, match="4 GPUs cannot hold expert-parallel size 8"):
+        plan(FULL, DBRX, gpus=4, gpu_memory_gb=80, ds_config=expert_parallel)
+
+
+def test_non_finite_gpu_memory_is_refused_by_the_command():
+    from dbrx_tune.tools.plan import main
+
+    with pytest.raises(SystemExit):
+        main(["recipes/dbrx_sft.yaml", "--gpus", "16", "--gpu-memory", "nan"])

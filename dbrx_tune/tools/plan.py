@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -393,6 +394,11 @@ def plan(
         )
     if seq % sp:
         raise ValueError(f"{recipe or 'recipe'}: max_length {seq} is not divisible by sp_size {sp}")
+    if gpus % ep:
+        raise ValueError(
+            f"{recipe or 'recipe'}: {gpus} GPUs cannot hold expert-parallel size {ep} (autoep_size in the DeepSpeed "
+            "config): the GPU count must be a multiple of it"
+        )
     total, experts_layer = shape.total_params, shape.expert_params_per_layer
     rank = int(recipe_values.get("lora_r") or 16)
     trainable = total if method == "full" else shape.lora_params(rank, lora_targets(recipe_values, shape))
@@ -554,8 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
-    if args.gpus < 1 or args.gpu_memory <= 0:
-        parser.error("--gpus and --gpu-memory must be positive")
+    if args.gpus < 1 or not math.isfinite(args.gpu_memory) or args.gpu_memory <= 0:
+        parser.error("--gpus and --gpu-memory must be positive (and finite)")
     try:
         result = plan_recipe(args.recipe, gpus=args.gpus, gpu_memory_gb=args.gpu_memory)
     except (ValueError, FileNotFoundError) as err:
