@@ -122,4 +122,5 @@ def test_resumed_run_continues_from_saved_step(first_run):
 def test_rerun_into_used_output_dir_without_resume_is_refused(first_run):
     result = launch_sft(first_run, "--max_steps", "5")
     assert result.returncode != 0
-    assert "holds checkpoints of an earlier run" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "holds an earlier dbrx_tune run" in output and "--resume_from_checkpoint latest" in output
