@@ -22,6 +22,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 from provenance import provenance, write_result
+from timing import time_ms
 from trl.trainer.utils import _ChunkedLogProbFunction
 
 TRL_CHUNK = 32768  # what add_fused_lm_head passes (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
@@ -64,21 +65,6 @@ def step(fn, hidden, weight, labels):
     return loss.detach()
 
 
-def time_ms(fn, warmup: int = 2, iters: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192)
@@ -113,7 +99,7 @@ def main() -> None:
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
-            runs[name].append(time_ms(lambda f=fn: step(f, hidden, weight, labels), iters=args.iters))
+            runs[name].append(time_ms(lambda f=fn: step(f, hidden, weight, labels), warmup=2, iters=args.iters))
     ms = {name: statistics.median(values) for name, values in runs.items()}
     result = {
         "ms": {name: round(value, 2) for name, value in ms.items()},

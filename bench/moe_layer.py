@@ -26,6 +26,7 @@ import statistics
 import torch
 from peers import LIGER_PEER, TRANSFORMERS_PEER, liger_forward, liger_fused_moe, transformers_experts
 from provenance import provenance, write_result
+from timing import time_ms
 from transformers import DbrxConfig
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts
 
@@ -40,22 +41,6 @@ def dbrx_ffn_config(d_model: int, ffn: int, experts: int, top_k: int):
         ffn_config={"ffn_hidden_size": ffn, "moe_num_experts": experts, "moe_top_k": top_k},
     )
     return config.ffn_config
-
-
-def time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median CUDA-event time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def matmul_ceiling_tflops(n: int = 8192) -> float:

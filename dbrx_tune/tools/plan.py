@@ -30,30 +30,13 @@ GIB = 1024**3  # all `*_gb` figures are GiB (2^30 bytes), like torch.cuda's memo
 FRAMEWORK_OVERHEAD_GB = 1.5  # CUDA/NCCL workspaces and allocator slack seen by max_memory_allocated
 NF4_BYTES = 0.5 + 4 / 64  # 4-bit values + one fp32 scale per block of 64 (bitsandbytes NF4)
 NF4_NESTED_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # scales quantized to 8 bits, one fp32 per 256 blocks
+DBRX_132B = dict(
+    d_model=6144, n_layers=40, n_heads=48, kv_heads=8, vocab=100352, ffn=10752, experts=16, top_k=4, max_seq_len=32768
+)
 KNOWN_CONFIGS = {
     # databricks/dbrx-base and dbrx-instruct config.json values, so hub ids plan without network access.
-    "databricks/dbrx-base": dict(
-        d_model=6144,
-        n_layers=40,
-        n_heads=48,
-        kv_heads=8,
-        vocab=100352,
-        ffn=10752,
-        experts=16,
-        top_k=4,
-        max_seq_len=32768,
-    ),
-    "databricks/dbrx-instruct": dict(
-        d_model=6144,
-        n_layers=40,
-        n_heads=48,
-        kv_heads=8,
-        vocab=100352,
-        ffn=10752,
-        experts=16,
-        top_k=4,
-        max_seq_len=32768,
-    ),
+    "databricks/dbrx-base": DBRX_132B,
+    "databricks/dbrx-instruct": DBRX_132B,  # the same architecture, instruction-tuned weights
     # meta-llama/Llama-2-*-hf config.json values (dense: the MLP is the one "expert" every token uses).
     "meta-llama/Llama-2-7b-hf": dict(
         d_model=4096, n_layers=32, n_heads=32, kv_heads=32, vocab=32000, ffn=11008, experts=1, top_k=1, max_seq_len=4096
