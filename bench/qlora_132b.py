@@ -6,19 +6,25 @@ per-expert blocks of 64, double-quantized scales) and the bf16 experts freed, so
 experts (6.3 GB) above the 4-bit model. Attention (`Wqkv`, `out_proj`) is bitsandbytes `Linear4bit` NF4 (double
 quant, bf16 compute) by default, or bf16 with `--attention bf16`; embeddings, LM head, norms and routers stay bf16.
 Then `apply_expert_lora` (attention and one LoRA per expert on w1/v1/w2, router frozen), non-reentrant gradient
-checkpointing, and ONE step: forward with labels (router aux loss on), backward, torch AdamW step.
+checkpointing, and `--steps` training steps (default one): forward with labels (router aux loss on), backward,
+AdamW step.
 
 Memory is reported in GB (1e9 bytes) and GiB from `torch.cuda.memory_allocated`/`max_memory_allocated`:
     weights_gb       resident model after building and LoRA wrapping (split by kind in `weights_breakdown_gb`)
     activations_gb   peak during forward+backward minus what was resident before it: checkpointed block inputs,
                      one block's recomputed activations, the dequantized bf16 expert weights of one projection,
                      logits and their gradient, LoRA gradients
-    optimizer_gb     AdamW state after the step
-    peak_gb          peak over the whole step
+    optimizer_gb     optimizer state after the first step (torch AdamW fp32, or bitsandbytes' 8-bit AdamW)
+    peak_gb          peak over every step (`first_step_peak_gb`: the first alone)
 
     python bench/qlora_132b.py [--seq-len 4096] [--layers 40] [--attention nf4|bf16] [--lora-r 16]
-        [--activation-offload] [--moe-token-chunk N]     # the long-context settings of recipes/dbrx_sft_qlora_32k
+        [--activation-offload] [--moe-token-chunk N] [--optim adamw|adamw_8bit] [--steps 1]
+    python bench/qlora_132b.py --recipe recipes/dbrx_sft_qlora_32k.yaml --steps 3   # a recipe's own settings
     python bench/qlora_132b.py --smoke --output /tmp/qlora.json     # tiny model on the CPU, seconds
+
+With `--steps N` > 1 the first step and the steady steps are reported apart: the first pays one-off costs (pinned
+host buffers for the offload, kernel autotuning) and has no optimizer state yet; `step_s` is the mean of the later
+steps and `peak_gb` the peak over all of them (weights + optimizer state + activations), what a long run holds.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+
+import yaml
 
 import torch
 from provenance import provenance, write_result
@@ -141,6 +149,43 @@ def weights_breakdown(model: nn.Module) -> dict[str, float]:
     return {kind: round(size / GB, 3) for kind, size in kinds.items()}
 
 
+RECIPE_FLAGS = {
+    "max_length": "seq_len",
+    "lora_r": "lora_r",
+    "experts_per_group": "experts_per_group",
+    "activation_offload": "activation_offload",
+    "moe_token_chunk": "moe_token_chunk",
+    "optim": "optim",
+}
+"""Recipe keys that set this script's flags (`--recipe`); flags given on the command line still win."""
+
+OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_8bit": "adamw_8bit"}
+"""Recipe `optim` values this script can reproduce, and the `--optim` each one means."""
+
+
+def recipe_defaults(path: str) -> dict:
+    """The flags a QLoRA recipe implies, so a measurement runs exactly the recipe's memory settings."""
+    with open(path, encoding="utf-8") as handle:
+        recipe = yaml.safe_load(handle)
+    if not recipe.get("load_in_4bit"):
+        raise SystemExit(f"{path}: not a QLoRA recipe (load_in_4bit is not true)")
+    defaults = {flag: recipe[key] for key, flag in RECIPE_FLAGS.items() if recipe.get(key) is not None}
+    if "optim" in defaults:
+        if defaults["optim"] not in OPTIMIZERS:
+            raise SystemExit(f"{path}: optim {defaults['optim']!r} is not one of {sorted(OPTIMIZERS)}")
+        defaults["optim"] = OPTIMIZERS[defaults["optim"]]
+    return defaults
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], on_cuda: bool) -> torch.optim.Optimizer:
+    """torch AdamW (fp32 moments, 8 bytes a parameter) or bitsandbytes' 8-bit AdamW (2 bytes), as `optim` selects."""
+    if name == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, fused=on_cuda)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=40)
@@ -163,12 +208,19 @@ def main() -> None:
         "--activation-offload", action="store_true", help="checkpointed block inputs in pinned host memory"
     )
     parser.add_argument("--moe-token-chunk", type=int, default=None, help="experts over this many tokens at a time")
+    parser.add_argument("--optim", choices=("adamw", "adamw_8bit"), default="adamw")
+    parser.add_argument("--steps", type=int, default=1, help="training steps; the first is reported apart")
+    parser.add_argument("--profile", default=None, help="write the last step's CUDA kernel table (torch.profiler) here")
+    parser.add_argument("--recipe", default=None, help="take the memory settings from this QLoRA recipe YAML")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU: checks the script runs")
     parser.add_argument(
         "--output", default=None, help="JSON path (default bench/results/qlora_132b.json; none with --smoke)"
     )
     args = parser.parse_args()
+    if args.recipe:
+        parser.set_defaults(**recipe_defaults(args.recipe))
+        args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     if args.smoke:
@@ -214,29 +266,46 @@ def main() -> None:
     model = apply_expert_lora(model, r=args.lora_r, alpha=2 * args.lora_r)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=on_cuda)
+    optimizer = make_optimizer(args.optim, trainable, on_cuda)
     build_s = time.perf_counter() - began
     weights = allocated()
     breakdown = weights_breakdown(model)
 
     input_ids = torch.randint(0, config.vocab_size, (1, args.seq_len), generator=torch.Generator().manual_seed(1))
     input_ids = input_ids.to(device)
-    if on_cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    began = time.perf_counter()
-    loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, **head_kwargs).loss
-    loss.backward()
-    peak_forward_backward = peak()
-    grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in trainable if p.grad is not None)
-    before_optimizer = allocated()
-    optimizer.step()
-    optimizer_bytes = allocated() - before_optimizer
-    optimizer.zero_grad(set_to_none=True)
-    if on_cuda:
-        torch.cuda.synchronize(device)
-    step_s = time.perf_counter() - began
-    step_peak = peak()
+    step_times, step_peaks, losses = [], [], []
+    profiler = None
+    for step in range(args.steps):
+        if on_cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        if args.profile and step == args.steps - 1:
+            activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * on_cuda
+            profiler = torch.profiler.profile(activities=activities)
+            profiler.start()
+        began = time.perf_counter()
+        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, **head_kwargs).loss
+        loss.backward()
+        if step == 0:
+            peak_forward_backward = peak()
+            grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in trainable if p.grad is not None)
+            before_optimizer = allocated()
+        optimizer.step()
+        if step == 0:
+            optimizer_bytes = allocated() - before_optimizer
+        optimizer.zero_grad(set_to_none=True)
+        if on_cuda:
+            torch.cuda.synchronize(device)
+        step_times.append(time.perf_counter() - began)
+        step_peaks.append(peak())
+        losses.append(loss.item())
+    if profiler is not None:
+        profiler.stop()
+        with open(args.profile, "w", encoding="utf-8") as handle:
+            sort_by = "cuda_time_total" if on_cuda else "cpu_time_total"
+            handle.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40, max_name_column_width=70))
+    steady_times = step_times[1:] or step_times
+    step_s, step_peak = sum(steady_times) / len(steady_times), max(step_peaks)
 
     def gb(value: int) -> float:
         return round(value / GB, 2)
@@ -244,6 +313,7 @@ def main() -> None:
     result = {
         "peak_gb": gb(step_peak),
         "peak_gib": round(step_peak / GIB, 2),
+        "first_step_peak_gb": gb(step_peaks[0]),
         "peak_reserved_gb": gb(torch.cuda.max_memory_reserved(device)) if on_cuda else 0.0,
         "weights_gb": gb(weights),
         "activations_gb": gb(peak_forward_backward - weights),
@@ -268,9 +338,13 @@ def main() -> None:
             "dtype": str(trainable[0].dtype),
         },
         "total_params": sum(p.numel() for p in model.parameters()),
-        "loss": round(loss.item(), 4),
+        "optim": args.optim,
+        "steps": args.steps,
+        "loss": round(losses[0], 4),
+        "losses": [round(value, 4) for value in losses],
         "grads_finite": grads_finite,
         "step_s": round(step_s, 2),
+        "first_step_s": round(step_times[0], 2),
         "build_s": round(build_s, 1),
         "fits_h200_141gb": step_peak < 141 * GB,
         "fits_h100_80gb": step_peak < 80 * GB,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import DbrxForCausalLM
 
+from dbrx_tune.modeling import experts as experts_module
 from dbrx_tune.modeling.config import tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_experts_implementation, set_moe_token_chunk
 from dbrx_tune.modeling.lora import apply_expert_lora
@@ -48,17 +49,43 @@ def _assert_same(reference, other) -> None:
 
 
 @pytest.mark.parametrize("four_bit", [False, True], ids=["grouped", "nf4"])
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("checkpointing", [None, False, True], ids=["plain", "checkpointed", "reentrant"])
 def test_moe_token_chunks_give_the_same_loss_and_gradients(four_bit, checkpointing):
     model = _tiny_lora_model(four_bit)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     input_ids = torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(1))
     whole = _loss_and_grads(model, input_ids)
     set_moe_token_chunk(model, 7)  # 48 tokens in chunks of 7, the last one short
     chunks = [m.token_chunk for m in model.modules() if hasattr(type(m), "token_chunk")]
     assert chunks and set(chunks) == {7}
     _assert_same(whole, _loss_and_grads(model, input_ids))
+
+
+def test_moe_token_chunks_train_full_experts_the_same():
+    """Without LoRA the expert weights themselves are trained: their gradients come through the per-chunk backward."""
+    torch.manual_seed(0)
+    config = tiny_dbrx_config(vocab_size=256, pad_token_id=255, bos_token_id=254, eos_token_id=254)
+    model = set_experts_implementation(DbrxForCausalLM(config).float(), "grouped").train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_ids = torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(2))
+    whole = _loss_and_grads(model, input_ids)
+    assert any(".experts.w1" in name for name in whole[1])
+    set_moe_token_chunk(model, 10)
+    _assert_same(whole, _loss_and_grads(model, input_ids))
+
+
+def test_checkpointed_layers_do_not_rerun_the_chunked_experts(monkeypatch):
+    """Under activation checkpointing the layer's recompute stops before the chunked experts (their inputs are all it
+    needs), so each chunk runs once forward and once in its own backward, not a third time in the layer's recompute."""
+    model = _tiny_lora_model(four_bit=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_moe_token_chunk(model, 8)  # 48 tokens: 6 chunks per layer
+    calls = []
+    original = experts_module._expert_rows
+    monkeypatch.setattr(experts_module, "_expert_rows", lambda *args: calls.append(1) or original(*args))
+    _loss_and_grads(model, torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(1)))
+    assert len(calls) == model.config.n_layers * 6 * 2
 
 
 def test_moe_token_chunk_refuses_the_eager_experts():

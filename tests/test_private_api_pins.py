@@ -89,3 +89,26 @@ def test_router_class_swap_keeps_state_and_matches_the_stock_router():
     stock.__class__ = DbrxJitterRouter
     assert set(stock.state_dict()) == keys and set(vars(stock)) == fresh_attributes
     torch.testing.assert_close(stock(hidden), expected)
+
+
+def test_torch_tells_a_forward_inside_a_backward_pass():
+    """dbrx_tune/modeling/experts.py `_TokenChunkedExperts` skips the experts in a checkpoint's recompute by asking
+    whether a backward pass is running (`torch._C._current_graph_task_id() != -1`, as torch's own module_tracker and
+    FSDP2 do); public alternative: none on torch 2.8-2.14."""
+    import torch
+
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(torch._C._current_graph_task_id())
+            return grad
+
+    assert torch._C._current_graph_task_id() == -1
+    Probe.apply(torch.ones(2, requires_grad=True)).sum().backward()
+    assert seen and seen[0] != -1

@@ -28,7 +28,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 from transformers.models.dbrx.modeling_dbrx import DbrxExperts, DbrxFFN
 
@@ -207,9 +206,9 @@ def run_experts(
     the frozen or trainable weights (bf16 3D or dequantized 4-bit), LoRA deltas are added on the same rows.
 
     With `module.token_chunk` set (`set_moe_token_chunk`) and more tokens than that, the tokens go through the experts
-    a chunk at a time, each chunk checkpointed: backward keeps the chunks' inputs and recomputes one chunk's routed
-    intermediate (chunk x top_k x ffn) at a time instead of holding the whole sequence's. Every token's routing and
-    arithmetic are the same, so the numbers are too.
+    a chunk at a time (`_TokenChunkedExperts`): backward keeps only the layer's inputs and recomputes one chunk's
+    routed intermediate (chunk x top_k x ffn) at a time instead of holding the whole sequence's. Every token's routing
+    and arithmetic are the same, so the numbers are too.
     """
     batch_size = hidden_states.shape[0]
     x = hidden_states.reshape(-1, module.hidden_size)
@@ -221,15 +220,55 @@ def run_experts(
         return _expert_rows(module, x, top_k_index, top_k_weights, base_projection, lora_deltas)
 
     if chunk and x.shape[0] > chunk:
-        recompute = torch.is_grad_enabled()
-        pieces = [
-            checkpoint(rows, *parts, use_reentrant=False) if recompute else rows(*parts)
-            for parts in zip(x.split(chunk), top_k_index.split(chunk), top_k_weights.split(chunk))
-        ]
-        combined = torch.cat(pieces)
+        trained = [param for param in module.parameters() if param.requires_grad]
+        for deltas in (lora_deltas or {}).values():
+            trained += [tensor for delta in deltas for tensor in (delta.down, delta.up) if tensor.requires_grad]
+        combined = _TokenChunkedExperts.apply(rows, chunk, x, top_k_index, top_k_weights, *trained)
     else:
         combined = rows(x, top_k_index, top_k_weights)
     return combined.view(batch_size, -1, module.hidden_size)
+
+
+class _TokenChunkedExperts(torch.autograd.Function):
+    """The experts over token chunks: forward without a graph, backward recomputes and differentiates one chunk at a
+    time, so at most one chunk's routed intermediate is alive.
+
+    When the decoder layer around it is recomputed by activation checkpointing (non-reentrant or reentrant: a forward
+    run inside a backward pass), the experts' output is not computed again: that recompute only rebuilds the tensors
+    saved for backward, and in DBRX's block nothing after the experts saves their output (only the residual add and
+    dropout follow, and their backward reads no values). The inputs saved here are all this backward needs, so
+    without the skip every chunk would run three times per step instead of twice. The weights and LoRA factors the
+    chunks use (`trained`) are inputs only so that autograd calls this backward when they alone need gradients; their
+    gradients reach them through the per-chunk backward, as in reentrant checkpointing.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, chunk, x, top_k_index, top_k_weights, *trained):
+        ctx.save_for_backward(x, top_k_index, top_k_weights)
+        ctx.rows, ctx.chunk = rows, chunk
+        if torch._C._current_graph_task_id() != -1:  # a checkpoint's recompute: the output is never read
+            return x.new_zeros(x.shape)
+        parts = zip(x.split(chunk), top_k_index.split(chunk), top_k_weights.split(chunk))
+        return torch.cat([rows(*part) for part in parts])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, top_k_index, top_k_weights = ctx.saved_tensors
+        wants_x, wants_weights = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
+        grad_x = torch.empty_like(x) if wants_x else None
+        grad_weights = torch.empty_like(top_k_weights) if wants_weights else None
+        for start in range(0, x.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            x_part = x[part].detach().requires_grad_(wants_x)
+            weights_part = top_k_weights[part].detach().requires_grad_(wants_weights)
+            with torch.enable_grad():
+                out = ctx.rows(x_part, top_k_index[part], weights_part)
+            torch.autograd.backward(out, grad_out[part])
+            if wants_x:
+                grad_x[part] = x_part.grad
+            if wants_weights:
+                grad_weights[part] = weights_part.grad
+        return None, None, grad_x, None, grad_weights, *(None for _ in ctx.needs_input_grad[5:])
 
 
 def _expert_rows(

@@ -396,6 +396,7 @@ def plan(
     adapter_bytes = 0 if method == "full" else 4 * trainable
     # one projection's experts dequantized to bf16 at a time (`experts_per_group` of them, default all)
     group = min(int(recipe_values.get("experts_per_group") or shape.experts), shape.experts)
+    moments = 2 if "8bit" in str(recipe_values.get("optim") or "") else 8
     dequant = 2 * group * shape.ffn * shape.d_model if method == "qlora" else 0
     acts = activations(
         shape,
@@ -411,10 +412,10 @@ def plan(
         params += adapter_bytes / (n if stage == 3 else 1)
         # bf16 gradients in full fine-tuning; PEFT keeps adapters (and so their gradients) in fp32
         grads = (2 if method == "full" else 4) * trainable / (n if stage >= 2 else 1)
-        # Adam: two fp32 moments, plus an fp32 master copy of bf16 weights (full fine-tuning; fp32 adapters need none)
-        optimizer = 0 if offload_opt else (12 if method == "full" else 8) * trainable / (n if stage >= 1 else 1)
-        if method == "full" and stage < 3:
-            optimizer = 12 * trainable / (n if stage >= 1 else 1)
+        # Adam: two moments (fp32, or one byte each for bitsandbytes' 8-bit optimizers), plus an fp32 master copy of
+        # bf16 weights (full fine-tuning; fp32 adapters need none)
+        state = moments + (4 if method == "full" else 0)
+        optimizer = 0 if offload_opt else state * trainable / (n if stage >= 1 else 1)
         # ZeRO-3 working set: a gathered MoE block (all experts without EP, local experts with EP; a dense model's
         # MLP) plus, when the experts train, its gradient before reduce-scatter. The next block is not prefetched
         # whole: DeepSpeed's prefetch bucket ("auto": 0.9 * d_model^2 elements, 34M for DBRX) is a hundredth of
