@@ -16,7 +16,6 @@ overwritten (`may_write_card`): with `overwrite_output_dir` a run writes beside 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import fields
 from typing import Any
@@ -26,8 +25,6 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from dbrx_tune.args import DataArguments
 from dbrx_tune.training.output_dir import RUN_MARKER, TRAINER_STATE
-
-logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 TOOLKIT_TAG = "dbrx-tune"
@@ -85,7 +82,7 @@ def is_toolkit_card(path: str) -> bool:
     """Whether `path` is a model card this toolkit wrote (tagged `dbrx-tune`)."""
     try:
         tags = ModelCard.load(path).data.tags or []
-    except Exception:  # not a card at all (no front matter, bad YAML): someone else's README
+    except (OSError, ValueError, yaml.YAMLError):  # not a card (unreadable, bad front matter): someone else's
         return False
     return TOOLKIT_TAG in tags
 
@@ -103,6 +100,8 @@ def base_lineage(model_name_or_path: str) -> tuple[str | None, dict[str, str]]:
 
     A hub id is its own base. A local directory is no hub reference: its own toolkit card's base model and licence
     are carried on (a DPO run on a local SFT output traces back to databricks/dbrx-base), else there is none."""
+    if not model_name_or_path:
+        return None, {}
     if os.path.isdir(model_name_or_path):
         card_path = os.path.join(model_name_or_path, CARD_NAME)
         if not is_toolkit_card(card_path):
