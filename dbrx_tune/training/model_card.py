@@ -167,10 +167,12 @@ def how_to_load(stage: str, adapter: bool, dbrx: bool, base: str, merged: bool) 
         return (
             "This directory holds a LoRA adapter on a 4-bit (QLoRA) reward model in `adapter/`; it is not merged "
             "(the base stays quantized). Load it on the toolkit's reward model:\n\n```python\n"
+            "from dbrx_tune.modeling.config import load_dbrx_config\n"
             "from dbrx_tune.modeling.experts import set_experts_implementation\n"
             "from dbrx_tune.modeling.lora import load_expert_adapter\n"
             "from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification\n\n"
-            f'model = DbrxForSequenceClassification.from_pretrained("{base}", num_labels=1)\n'
+            f'config = load_dbrx_config("{base}", num_labels=1)\n'
+            f'model = DbrxForSequenceClassification.from_pretrained("{base}", config=config)\n'
             'model = load_expert_adapter(set_experts_implementation(model, "grouped"), "PATH/adapter")\n```'
         )
     if stage == "reward_model":
@@ -181,9 +183,9 @@ def how_to_load(stage: str, adapter: bool, dbrx: bool, base: str, merged: bool) 
             "code):\n\n```python\nfrom transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
             'model = AutoModelForSequenceClassification.from_pretrained("PATH", trust_remote_code=True)\n'
             'tokenizer = AutoTokenizer.from_pretrained("PATH")\n```\n\n'
-            "Score a conversation with `tokenizer.apply_chat_template(messages, return_tensors='pt')` and "
-            "`model(input_ids).logits[:, 0]`. `rlhf/ppo.py`, `rlhf/grpo.py` (`reward_model_path`) and "
-            "`dbrx-rewardbench --model PATH` load it as is."
+            "Score a conversation: `ids = tokenizer.apply_chat_template(messages, return_tensors='pt', "
+            "return_dict=True)`, then `model(**ids).logits[0, 0]`. `rlhf/ppo.py`, `rlhf/grpo.py` "
+            "(`reward_model_path`) and `dbrx-rewardbench --model PATH` load it as is."
         )
     if adapter:
         if not dbrx:
