@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from model_card_checks import check_model_card
 from transformers import DbrxForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
@@ -98,6 +99,13 @@ def test_tiny_rloo_runs_with_a_frozen_reference_and_the_router_loss(tmp_path):
     assert logs[0]["kl"] == 0.0 and logs[1]["kl"] != 0.0  # RLOO logs the mean log-ratio, which may be negative
     assert all(log["aux_loss"] > 1.0 for log in logs)
     assert "eval_reward" in metrics
+    check_model_card(
+        str(tmp_path / "out"),
+        "rloo",
+        library="transformers",
+        base_model=None,
+        metrics={"train_loss": metrics["train_loss"]},
+    )
 
 
 @pytest.mark.slow

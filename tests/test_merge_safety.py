@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import DbrxForCausalLM
 
 from dbrx_tune.modeling.config import tiny_dbrx_config
@@ -49,6 +50,9 @@ def test_merge_keeps_the_base_dtype_writes_the_tokenizer_and_loads_in_stock_tran
         os.listdir(output)
     )
     assert not [name for name in os.listdir(root) if ".merging-" in name]  # the staging directory is gone
+    card = ModelCard.load(output / "README.md")  # a bare PEFT adapter (no run of ours): no recipe to carry over
+    assert card.data.library_name == "transformers" and {"dbrx-tune", "dbrx", "merged"} <= set(card.data.tags)
+    assert card.data.base_model is None and "AutoModelForCausalLM.from_pretrained" in card.text  # a local base
     script = f"""
 import sys, torch
 class BlockDbrxTune:  # the editable install would otherwise make the package importable

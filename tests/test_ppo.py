@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from model_card_checks import check_model_card
 from safetensors.torch import load_file
 from transformers import DbrxForCausalLM
 
@@ -371,3 +372,7 @@ def test_ppo_stage_answers_the_vibe_prompts_at_start_saves_and_end(tmp_path):
     assert f"vibes/answers/{ids[0]}/text_summary" in accumulator.Tags()["tensors"]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history] == [1, 2]
+    final = json.loads((out / "train_results.json").read_text())
+    shown = {key: final[key] for key in ("objective/scores", "objective/kl")}
+    card = check_model_card(str(out), "ppo", library="transformers", base_model=None, metrics=shown)
+    assert "`rule:contains_answer`" in card.text and "value_model/" in card.text

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from model_card_checks import check_model_card
 
 from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
 from dbrx_tune.evals.vibes.schema import VIBES_FILE
@@ -62,6 +63,8 @@ def test_preference_margin_rises_on_held_out_pairs(preference_run):
     assert len(margins) >= 2, margins
     assert margins[-1] > margins[0] + STAGES[name][1], margins
     assert metrics["train_loss"] > 0
+    shown = {key: metrics[key] for key in ("train_loss", "eval_loss", "eval_rewards/margins")}
+    check_model_card(output_dir, name, library="transformers", base_model=None, metrics=shown)
 
 
 def test_preference_stage_answers_every_vibe_prompt_before_and_after_training(preference_run):

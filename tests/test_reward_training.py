@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from model_card_checks import check_model_card
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from dbrx_tune.data import load_splits
@@ -44,6 +45,14 @@ def test_reward_model_reaches_90_percent_on_held_out_pairs(trained_rm):
     output_dir, metrics = trained_rm
     assert metrics["eval_accuracy"] >= 0.9
     assert held_out_accuracy(output_dir) >= 0.9
+    card = check_model_card(
+        output_dir,
+        "reward_model",
+        library="transformers",
+        base_model=None,
+        metrics={"eval_accuracy": metrics["eval_accuracy"]},
+    )
+    assert "trust_remote_code=True" in card.text
 
 
 def test_router_loss_is_part_of_reward_training(trained_rm):
@@ -78,4 +87,6 @@ def test_lora_on_experts_trains_adapters_and_score_and_saves_merged_model(tmp_pa
     )
     assert os.path.isfile(os.path.join(output_dir, "adapter", "adapter_model.safetensors"))
     merged = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    # the merged reward model is the output (PEFT's template card, written by the save, is replaced)
+    assert "lora" in check_model_card(output_dir, "reward_model", library="transformers", base_model=None).data.tags
     assert merged.score.weight.shape == (1, merged.config.d_model)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from model_card_checks import check_model_card
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or executes
@@ -97,6 +98,12 @@ def test_output_is_plain_hf_checkpoint_that_generates(first_run):
         generated = model.generate(**prompt, min_new_tokens=4, max_new_tokens=8, do_sample=False)
     assert generated.shape[1] >= prompt["input_ids"].shape[1] + 4
     assert model.config.output_router_logits is False
+    with open(os.path.join(first_run, "train_results.json")) as handle:
+        final = json.load(handle)
+    # random-init from the tiny config: a local path with no card, so no hub base model
+    check_model_card(
+        first_run, "sft", library="transformers", base_model=None, metrics={"train_loss": final["train_loss"]}
+    )
 
 
 def vibe_lines(output_dir: str) -> list[str]:

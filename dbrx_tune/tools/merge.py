@@ -10,7 +10,7 @@ Nothing existing is touched: the output must be a new or empty directory outside
 merged model is written to a hidden sibling directory and renamed into place only once written and verified (its
 logits on a few tokens against the adapter model's, before merging), and weights are read from safetensors only.
 The base's dtype is kept unless `--dtype` says otherwise; the tokenizer (with its chat template) and generation
-config travel with the model.
+config travel with the model, and a model card (`README.md`) carries the adapter run's recipe, data and metrics.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from dbrx_tune.modeling.experts import set_experts_implementation
 from dbrx_tune.modeling.lora import load_expert_adapter, merge_expert_adapter
 from dbrx_tune.modeling.weight_files import WeightFileError, check_weight_files
 from dbrx_tune.tokenizer import build_dbrx_tokenizer, ensure_chat_template, ensure_pad_token
+from dbrx_tune.training.model_card import build_model_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ def merge(base: str, adapter: str, output: str, dtype: torch.dtype | str = "auto
     try:
         merged.save_pretrained(staging)
         load_merge_tokenizer(adapter, base).save_pretrained(staging)
+        card = build_model_card(
+            adapter, dbrx=True, merged_base=base, output_dir=staging, title=os.path.basename(os.path.abspath(output))
+        )
+        write_model_card(card, staging)  # the adapter run's recipe, data and metrics, loading as a full model
         if os.path.isdir(output):
             os.rmdir(output)  # checked empty above; rename needs it gone
         os.rename(staging, output)

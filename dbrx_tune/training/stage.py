@@ -37,6 +37,7 @@ from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config
 from dbrx_tune.parallel.zero3 import expert_parallel_size
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
+from dbrx_tune.training.model_card import build_model_card, may_write_card, write_model_card
 from dbrx_tune.training.offload import check_long_context_settings
 from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 
@@ -202,12 +203,13 @@ def train_and_save(
     trainer: Trainer, recipe: Recipe, stage: str, save_model: Callable[[Trainer, str], None] | None = None
 ) -> dict:
     """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint, the resolved
-    recipe and the metrics.
+    recipe, the metrics and the model card (`README.md`, unless a README.md of someone else's is already there).
 
     `save_model(trainer, output_dir)` replaces the default `trainer.save_model(output_dir)` (the stage trainers of
     `dbrx_tune.training.trainers` write DBRX's original names and layout also from ZeRO-3 or expert-parallel training).
     """
     args = trainer.args
+    card_allowed = may_write_card(args.output_dir)  # asked before PEFT's save writes its template README.md
     if trainer.is_world_process_zero():
         mark_output_dir(args.output_dir, stage, recipe.path)
     add_vibe_checks(trainer, recipe, stage)
@@ -233,7 +235,13 @@ def train_and_save(
         if processing_class is not None:
             processing_class.save_pretrained(args.output_dir)
         save_recipe(recipe, args.output_dir)
-        logger.info("saved %s model, tokenizer, recipe and metrics to %s", stage, args.output_dir)
+        if card_allowed:
+            write_model_card(
+                build_model_card(args.output_dir, dbrx=is_dbrx(load_model_config(recipe.model))), args.output_dir
+            )
+        else:
+            logger.warning("%s/README.md was not written by dbrx_tune: left as is, no model card", args.output_dir)
+        logger.info("saved %s model, tokenizer, recipe, metrics and model card to %s", stage, args.output_dir)
     for tracker in trainer.accelerator.trackers:  # trainers logging through accelerate (PPO): flush and close
         tracker.finish()
     return metrics

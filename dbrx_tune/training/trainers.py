@@ -8,6 +8,8 @@ The router load-balancing loss has one switch, `router_loss_weight(model)` (see 
 SFT, DPO, GRPO and RLOO trainers add it themselves once the config exposes it; its RewardTrainer never looks at
 `outputs.aux_loss`, so `DbrxRewardTrainer` adds `router_loss_weight * aux_loss` to the Bradley-Terry loss and logs
 the unweighted aux loss; `DbrxORPOTrainer` asks for router logits, from which TRL's ORPO adds it.
+
+None writes TRL's model card: the stage's own (`dbrx_tune.training.model_card`) is written when training ends.
 """
 
 from __future__ import annotations
@@ -23,15 +25,26 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO lives in trl.expe
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402, F401  (ORPOConfig: for rlhf/orpo.py)
 
 
-class DbrxSFTTrainer(DbrxCheckpointMixin, SFTTrainer):
+class NoTrlModelCard:
+    """Skip TRL's `create_model_card`, which every TRL trainer calls at each intermediate save (writing
+    OUTPUT_DIR/README.md) and `push_to_hub` calls before uploading.
+
+    TRL's card names no base model for a local path and shows text-generation usage also for a reward model;
+    `train_and_save` writes the toolkit's card once the model is saved."""
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        return None
+
+
+class DbrxSFTTrainer(NoTrlModelCard, DbrxCheckpointMixin, SFTTrainer):
     """TRL's `SFTTrainer`, saving DBRX checkpoints from ZeRO-3 / AutoEP runs."""
 
 
-class DbrxDPOTrainer(DbrxCheckpointMixin, DPOTrainer):
+class DbrxDPOTrainer(NoTrlModelCard, DbrxCheckpointMixin, DPOTrainer):
     """TRL's `DPOTrainer`, saving DBRX checkpoints from ZeRO-3 / AutoEP runs."""
 
 
-class DbrxORPOTrainer(DbrxCheckpointMixin, ORPOTrainer):
+class DbrxORPOTrainer(NoTrlModelCard, DbrxCheckpointMixin, ORPOTrainer):
     """TRL's experimental `ORPOTrainer`, with the router loss on, saving DBRX checkpoints from ZeRO-3 / AutoEP runs.
 
     TRL's ORPO adds the aux loss when the config asks for router logits, which the loader leaves off (generation
@@ -42,15 +55,15 @@ class DbrxORPOTrainer(DbrxCheckpointMixin, ORPOTrainer):
         super().__init__(model, *args, **kwargs)
 
 
-class DbrxGRPOTrainer(DbrxCheckpointMixin, GRPOTrainer):
+class DbrxGRPOTrainer(NoTrlModelCard, DbrxCheckpointMixin, GRPOTrainer):
     """TRL's `GRPOTrainer`, saving DBRX checkpoints from ZeRO-3 / AutoEP runs."""
 
 
-class DbrxRLOOTrainer(DbrxCheckpointMixin, RLOOTrainer):
+class DbrxRLOOTrainer(NoTrlModelCard, DbrxCheckpointMixin, RLOOTrainer):
     """TRL's `RLOOTrainer`, saving DBRX checkpoints from ZeRO-3 / AutoEP runs."""
 
 
-class DbrxRewardTrainer(DbrxCheckpointMixin, RewardTrainer):
+class DbrxRewardTrainer(NoTrlModelCard, DbrxCheckpointMixin, RewardTrainer):
     """`RewardTrainer` plus DBRX's router load-balancing loss during training, saving DBRX checkpoints."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
