@@ -33,9 +33,8 @@ import argparse
 import logging
 import time
 
-import yaml
-
 import torch
+import yaml
 from provenance import provenance, write_result
 from torch import nn
 from transformers import DbrxConfig, DbrxForCausalLM
