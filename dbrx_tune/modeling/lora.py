@@ -1,8 +1,9 @@
 """LoRA for DBRX: attention (`Wqkv`, `out_proj`) and one LoRA per expert on w1/v1/w2, router frozen or trained.
 
 The experts are targeted with PEFT's `target_parameters` on the 3D weights of `DbrxGroupedExperts` (or the 4-bit
-`DbrxNF4Experts`), so every expert gets its own rank-r pair and saved adapters are ordinary PEFT adapters that
-`PeftModel.from_pretrained` loads onto a model whose experts were swapped by `set_experts_implementation`.
+`DbrxNF4Experts`), so every expert gets its own rank-r pair and saved adapters are PEFT adapters (PEFT's tensor
+names and config fields) that `load_expert_adapter` loads onto a model whose experts were swapped by
+`set_experts_implementation`.
 
 PEFT 0.21 applies a parameter LoRA by re-parametrising the weight as `W + scaling * B @ A` around the module's
 forward: a dense (n_experts, out, in) tensor per projection, computed at registration and again on use, whose
