@@ -11,7 +11,7 @@ from transformers import DbrxForCausalLM
 
 from dbrx_tune.modeling.config import tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_experts_implementation
-from dbrx_tune.modeling.lora import apply_expert_lora, load_expert_adapter, merge_expert_adapter
+from dbrx_tune.modeling.lora import apply_expert_lora, load_expert_adapter, merge_expert_adapter, read_adapter_config
 
 IDS = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
 
@@ -72,7 +72,8 @@ def test_grouped_lora_equals_peft_dense_reparametrisation(tmp_path):
     _randomise_lora(model)
     ours = model(IDS).logits
     model.save_pretrained(tmp_path)
-    stock_loaded = PeftModel.from_pretrained(_swapped_model(), tmp_path)  # PEFT's own W + BA path
+    # PEFT's own W + BA path (the config read by ours: stock PEFT refuses the file, see test_adapter_loading.py)
+    stock_loaded = PeftModel.from_pretrained(_swapped_model(), tmp_path, config=read_adapter_config(str(tmp_path)))
     assert type(stock_loaded.base_model.model.transformer.blocks[0].ffn.experts) is peft_lora_layer.ParamWrapper
     torch.testing.assert_close(stock_loaded(IDS).logits, ours, rtol=1e-5, atol=1e-5)
     ours_loaded = load_expert_adapter(_swapped_model(), str(tmp_path))

@@ -3,12 +3,11 @@ tokenizer, verifies before it reports success, and reads safetensors only; the m
 transformers (a process that cannot import dbrx_tune)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from stock_process import run_stock
 from transformers import DbrxForCausalLM
 
 from dbrx_tune.modeling.config import tiny_dbrx_config
@@ -54,12 +53,7 @@ def test_merge_keeps_the_base_dtype_writes_the_tokenizer_and_loads_in_stock_tran
     assert card.data.library_name == "transformers" and {"dbrx-tune", "dbrx", "merged"} <= set(card.data.tags)
     assert card.data.base_model is None and "AutoModelForCausalLM.from_pretrained" in card.text  # a local base
     script = f"""
-import sys, torch
-class BlockDbrxTune:  # the editable install would otherwise make the package importable
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "dbrx_tune":
-            raise ImportError("dbrx_tune is blocked in this process")
-sys.meta_path.insert(0, BlockDbrxTune())
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained({str(output)!r}).eval()
 tokenizer = AutoTokenizer.from_pretrained({str(output)!r})
@@ -69,8 +63,7 @@ torch.save(model(input_ids=ids).logits.float(), {str(root / "stock_logits.pt")!r
 assert not any(name.startswith("dbrx_tune") for name in sys.modules)
 print(model.dtype)
 """
-    env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/", env=env)
+    done = run_stock(script)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(dtype)  # the base's dtype, kept
     stock = torch.load(root / "stock_logits.pt")

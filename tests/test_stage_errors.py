@@ -41,3 +41,10 @@ def test_sample_longer_than_max_length_is_named_when_truncation_is_off(tmp_path,
     monkeypatch.chdir(REPO_ROOT)
     message = run_expecting_exit(tmp_path, "--max_length", "8")
     assert "bundled://sft [train]" in message and "row 0" in message and "max_length=8" in message
+
+
+def test_lora_on_a_random_init_model_under_zero3_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    zero3 = os.path.join(REPO_ROOT, "recipes", "deepspeed", "zero3.json")
+    message = run_expecting_exit(tmp_path, "--use_peft", "true", "--deepspeed", zero3)
+    assert "random_init with use_peft under ZeRO-3" in message and "dbrx_sft.yaml" in message

@@ -1,29 +1,45 @@
 """LoRA for DBRX: attention (`Wqkv`, `out_proj`) and one LoRA per expert on w1/v1/w2, router frozen or trained.
 
 The experts are targeted with PEFT's `target_parameters` on the 3D weights of `DbrxGroupedExperts` (or the 4-bit
-`DbrxNF4Experts`), so every expert gets its own rank-r pair and saved adapters are ordinary PEFT adapters that
-`PeftModel.from_pretrained` loads onto a model whose experts were swapped by `set_experts_implementation`.
+`DbrxNF4Experts`), so every expert gets its own rank-r pair and saved adapters are PEFT adapters (PEFT's tensor
+names and config fields) that `load_expert_adapter` loads onto a model whose experts were swapped by
+`set_experts_implementation`.
 
 PEFT 0.21 applies a parameter LoRA by re-parametrising the weight as `W + scaling * B @ A` around the module's
 forward: a dense (n_experts, out, in) tensor per projection, computed at registration and again on use, whose
 backward forms a full-size weight gradient. The `ParamWrapper` below keeps PEFT's parameters, state-dict keys,
 merge and unload, and instead hands the per-expert factors to the experts' forward, which applies them to the
 routed tokens through the same grouped GEMMs (cost proportional to r). `apply_expert_lora` and
-`load_expert_adapter` register it; a plain `PeftModel.from_pretrained` still gives the same numbers, the dense way.
+`load_expert_adapter` register it.
+
+Stock transformers has no 3D experts: its DBRX experts are fused 2D `ffn.experts.mlp.{w1,v1,w2}`, so a stock
+`PeftModel.from_pretrained(DbrxForCausalLM, adapter)` would match none of `target_parameters`, warn, and drop the
+expert LoRA: wrong logits and no error. An adapter saved with expert targets (`ExpertLoraConfig`) therefore carries a
+`task_type` that PEFT's config validation rejects, with a message naming dbrx_tune and the way to load or merge it;
+the real task type is kept under the `dbrx_tune` key, which `read_adapter_config` restores. The check runs when PEFT
+reads the config, before any model is touched, and covers every stock path that goes through `PeftConfig`
+(`PeftModel.from_pretrained`, `AutoPeftModel*`, transformers' `load_adapter`). Converting the adapter to a stock one
+instead (a rank n_experts * r LoRA on the fused 2D weights is the same update) cannot work with PEFT 0.21: any
+`target_parameters` LoRA on the stock `mlp` crashes, because `DbrxExperts.forward` reads `self.mlp.v1` etc. outside
+the wrapped forward. Merging (`python -m dbrx_tune.tools.merge`) is the way to a stock checkpoint.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 from typing import Any
 
 import torch
+from huggingface_hub import hf_hub_download
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import layer as lora_layer
+from peft.utils import CONFIG_NAME
 from safetensors import safe_open
 from torch import nn
+from transformers.models.dbrx.modeling_dbrx import DbrxFFN
 
 from dbrx_tune.modeling.experts import EXPERT_PROJECTIONS, DbrxGroupedExperts, LowRankDelta
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts
@@ -33,6 +49,16 @@ logger = logging.getLogger(__name__)
 ATTENTION_TARGETS = ("Wqkv", "out_proj")
 EXPERT_TARGETS = tuple(f"ffn.experts.{name}" for name in EXPERT_PROJECTIONS)
 ROUTER_MODULE = "router"
+
+TOOLKIT_KEY = "dbrx_tune"  # adapter_config.json: {"task_type": the real one, "format": ADAPTER_FORMAT}
+ADAPTER_FORMAT = "expert-lora-3d"
+STOCK_REFUSAL = (
+    "dbrx_tune expert LoRA adapter: one LoRA per expert on the 3D expert weights of dbrx_tune's grouped DBRX experts, "
+    "which stock DbrxForCausalLM (fused 2D ffn.experts.mlp.*) does not have, so stock PEFT would silently drop them. "
+    "Load it with dbrx_tune.modeling.lora.load_expert_adapter, or merge it into the base first with "
+    "`python -m dbrx_tune.tools.merge --base BASE --adapter THIS_DIR --output NEW_DIR` (see README.md here)"
+)
+README_HEADING = "## Loading this adapter (dbrx-tune)"
 
 
 class ParamWrapper(lora_layer.ParamWrapper):
@@ -83,6 +109,67 @@ class ParamWrapper(lora_layer.ParamWrapper):
         return self.base_layer(x, *args, **kwargs)
 
 
+class ExpertLoraConfig(LoraConfig):
+    """`LoraConfig` whose saved adapter stock PEFT refuses to load when it targets the experts (see the module doc).
+
+    The marking happens in `save_pretrained`, which PEFT calls for every adapter save (`PeftModel.save_pretrained`,
+    hence `Trainer.save_model`, `checkpoint-N`, PPO's saves), so no save path can forget it. Adapters with only
+    attention targets load right in stock PEFT (same module names) and are left as they are.
+    """
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        if self.target_parameters:
+            path = os.path.join(save_directory, CONFIG_NAME)
+            with open(path, encoding="utf-8") as handle:
+                values = json.load(handle)
+            values[TOOLKIT_KEY] = {"task_type": values["task_type"], "format": ADAPTER_FORMAT}
+            values["task_type"] = STOCK_REFUSAL
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(values, handle, indent=2, sort_keys=True)
+            write_adapter_readme(save_directory, self.base_model_name_or_path)
+
+
+def read_adapter_config(adapter_path: str) -> ExpertLoraConfig:
+    """The LoRA config of a saved adapter (directory or hub id), with the task type `ExpertLoraConfig` set aside."""
+    local = os.path.join(adapter_path, CONFIG_NAME)
+    config_file = local if os.path.isfile(local) else hf_hub_download(adapter_path, CONFIG_NAME)
+    values = ExpertLoraConfig.from_json_file(config_file)
+    toolkit = values.pop(TOOLKIT_KEY, None)
+    if toolkit is not None:
+        values["task_type"] = toolkit["task_type"]
+    if values.pop("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{config_file}: not a LoRA adapter (peft_type is not LORA)")
+    return ExpertLoraConfig.from_peft_type(**values)
+
+
+def write_adapter_readme(adapter_dir: str, base: str | None) -> None:
+    """Add how to load, merge and serve the adapter to its README.md (PEFT's model card, written first), once."""
+    path = os.path.join(adapter_dir, "README.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    if README_HEADING in text:
+        return
+    base = base or "BASE"
+    note = f"""{README_HEADING}
+
+This adapter puts one LoRA on every DBRX expert, on the 3D expert weights of dbrx-tune's grouped experts. Stock
+transformers' DBRX has fused 2D experts (`ffn.experts.mlp.*`) where these tensors do not fit, so a stock
+`PeftModel.from_pretrained` refuses it (its `task_type` names dbrx_tune) instead of silently dropping the expert LoRA.
+
+- Load (training, evaluation): load the base (`{base}`), swap its experts with
+  `dbrx_tune.modeling.experts.set_experts_implementation(model, "grouped")`, then
+  `dbrx_tune.modeling.lora.load_expert_adapter(model, "THIS_DIR")`.
+- Merge: `python -m dbrx_tune.tools.merge --base {base} --adapter THIS_DIR --output NEW_DIR` (or `dbrx-merge`):
+  a plain DBRX checkpoint in the original layout, checked against the adapter model's logits before it is written.
+- Serve: merge first; stock transformers, vLLM, TGI and SGLang load the merged checkpoint without dbrx-tune.
+"""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(f"{text.rstrip()}\n\n{note}" if text.strip() else note)
+
+
 def _register_grouped_lora(config: LoraConfig) -> LoraConfig:
     config._register_custom_module({DbrxGroupedExperts: ParamWrapper, DbrxNF4Experts: ParamWrapper})
     return config
@@ -97,7 +184,7 @@ def expert_lora_config(
     target_experts: bool = True,
     train_router: bool = False,
     task_type: str = "CAUSAL_LM",
-) -> LoraConfig:
+) -> ExpertLoraConfig:
     """The PEFT config for DBRX LoRA; the router (`ffn.router`) is trained in full when `train_router`.
 
     With `task_type="SEQ_CLS"` (reward and value models) the new `score` head is trained in full too.
@@ -109,7 +196,7 @@ def expert_lora_config(
             f"lora_dropout={dropout}: LoRA on the experts' weights (PEFT target_parameters) cannot apply dropout; "
             "set lora_dropout: 0.0, or lora_target_experts: false"
         )
-    config = LoraConfig(
+    config = ExpertLoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -158,8 +245,9 @@ def apply_expert_lora(
 def load_expert_adapter(
     model: nn.Module, adapter_path: str, *, is_trainable: bool = False, adapter_name: str = "default"
 ) -> PeftModel:
-    """Load a saved DBRX adapter with the grouped-GEMM expert LoRA; a shape mismatch names the tensor."""
-    config = LoraConfig.from_pretrained(adapter_path)
+    """Load a saved DBRX adapter (also one marked by `ExpertLoraConfig`) with the grouped-GEMM expert LoRA; a shape
+    mismatch names the tensor."""
+    config = read_adapter_config(adapter_path)
     if config.target_parameters:
         _require_3d_experts(model)
     _check_adapter_shapes(model, adapter_path, config)
@@ -172,6 +260,18 @@ def merge_expert_adapter(peft_model: PeftModel) -> nn.Module:
     """Fold the adapter into the base weights and return the plain model (experts still 3D; save with
     `save_pretrained` to get DBRX's original checkpoint names and shapes)."""
     return peft_model.merge_and_unload(safe_merge=True)
+
+
+def base_model_copy(peft_model: PeftModel) -> nn.Module:
+    """A plain copy of the model under the adapters, to save as their base: PEFT's `unload` on a deep copy (adapter
+    tensors and wrappers gone, `modules_to_save` originals back) and 4-bit experts dequantized to the grouped layout,
+    whose state dict has DBRX's original names and shapes. `peft_model` is left as it is."""
+    base = copy.deepcopy(peft_model).unload()
+    dtype = base.dtype
+    for ffn in base.modules():
+        if isinstance(ffn, DbrxFFN) and isinstance(ffn.experts, DbrxNF4Experts):
+            ffn.experts = ffn.experts.to_grouped(base.config.ffn_config, dtype)
+    return base
 
 
 def _require_3d_experts(model: nn.Module) -> None:

@@ -122,6 +122,16 @@ class DbrxNF4Experts(nn.Module):
         )
         return functional.dequantize_4bit(packed, state)
 
+    @torch.no_grad()
+    def to_grouped(self, ffn_config, dtype: torch.dtype) -> DbrxGroupedExperts:
+        """The `dtype` experts these 4-bit weights stand for, the base a QLoRA adapter was trained on (saving a
+        random-init base beside its adapter: there is no other copy)."""
+        module = DbrxGroupedExperts(ffn_config, device=self.w1.device, dtype=dtype)
+        for name in EXPERT_PROJECTIONS:
+            getattr(module, name).copy_(self.dequantize(name, dtype))
+        module.requires_grad_(False)
+        return module
+
     def forward(
         self,
         hidden_states: torch.Tensor,

@@ -66,6 +66,11 @@ def check_merge_paths(base: str, adapter: str, output: str) -> None:
             check_weight_files(path)
         except WeightFileError as err:
             raise MergeError(str(err)) from None
+    if os.path.isdir(base) and not any(name.endswith(".safetensors") for name in os.listdir(base)):
+        raise MergeError(
+            f"--base {base}: holds no weights (a config-only directory?); a random_init LoRA run saves its base "
+            "in OUTPUT_DIR/base, the adapter's base_model_name_or_path"
+        )
 
 
 def load_merge_tokenizer(adapter: str, base: str):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import datasets
 import transformers
 import yaml
+from peft import PeftModel
 from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer, set_seed
 from trl import RewardConfig
 
@@ -32,9 +33,10 @@ from dbrx_tune.data.validation import (
 from dbrx_tune.evals.vibes.callback import VibeCallback
 from dbrx_tune.evals.vibes.check import VibeChecker
 from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
+from dbrx_tune.modeling.lora import base_model_copy
 from dbrx_tune.modeling.weight_files import check_weight_files
 from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config, read_json_config
-from dbrx_tune.parallel.zero3 import expert_parallel_size
+from dbrx_tune.parallel.zero3 import expert_parallel_size, zero_stage
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
 from dbrx_tune.training.model_card import build_model_card, may_write_card, write_model_card
@@ -42,6 +44,8 @@ from dbrx_tune.training.offload import check_long_context_settings
 from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 
 logger = logging.getLogger("dbrx_tune")
+
+RANDOM_BASE_DIR = "base"  # OUTPUT_DIR/base: the random-init base of a LoRA run (`save_random_init_base`)
 
 VALIDATORS = {
     "sft": validate_sft_dataset,
@@ -88,9 +92,44 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
             check_parallelism(recipe, config)
         check_long_context_settings(recipe, config)
         check_vibe_settings(recipe, training_class)
+        check_random_init_adapter(recipe)
     except (OutputDirError, ParallelConfigError, OSError, ValueError) as err:
         raise SystemExit(f"error: {recipe.path}: {err}") from None
     return recipe
+
+
+def check_random_init_adapter(recipe: Recipe) -> None:
+    """Refuse LoRA on a random-init model under ZeRO-3: its base is saved beside the adapter from whole weights
+    (`save_random_init_base`), and ZeRO-3 partitions them at construction."""
+    model_args, ds_config = recipe.model, recipe.training.deepspeed
+    if not (model_args.random_init and model_args.use_peft and ds_config):
+        return
+    if zero_stage(read_json_config(ds_config) if isinstance(ds_config, str) else ds_config) == 3:
+        raise ValueError(
+            "random_init with use_peft under ZeRO-3: the random base weights, saved beside the adapter so that it can "
+            "be loaded and merged, are partitioned; use ZeRO stage 0-2, or train from a saved base checkpoint"
+        )
+
+
+def save_random_init_base(trainer: Trainer, recipe: Recipe) -> None:
+    """Write the base of a LoRA run on a random-init model to OUTPUT_DIR/base and point the adapters at it.
+
+    Without it the adapter's `base_model_name_or_path` is the config-only directory the model was built from, and
+    loading or merging the adapter (`python -m dbrx_tune.tools.merge --base OUTPUT_DIR/base --adapter OUTPUT_DIR`)
+    has no weights to start from. It is written before training (LoRA freezes the base), so every `checkpoint-N`
+    adapter points at it too; with 4-bit experts it holds their dequantized values, the weights the adapter trained on.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not (recipe.model.random_init and isinstance(model, PeftModel)):
+        return
+    base_dir = os.path.abspath(os.path.join(trainer.args.output_dir, RANDOM_BASE_DIR))
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_dir
+    if trainer.is_world_process_zero():
+        base = base_model_copy(model)
+        base.config.output_router_logits = False
+        base.save_pretrained(base_dir)
+        logger.info("random-init base saved to %s (the adapters' base_model_name_or_path)", base_dir)
 
 
 def check_vibe_settings(recipe: Recipe, training_class: type) -> None:
@@ -202,8 +241,9 @@ def _load_and_validate(
 def train_and_save(
     trainer: Trainer, recipe: Recipe, stage: str, save_model: Callable[[Trainer, str], None] | None = None
 ) -> dict:
-    """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint, the resolved
-    recipe, the metrics and the model card (`README.md`, unless a README.md of someone else's is already there).
+    """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint (or adapter, with
+    a random-init base beside it), the resolved recipe, the metrics and the model card (`README.md`, unless a
+    README.md of someone else's is already there).
 
     `save_model(trainer, output_dir)` replaces the default `trainer.save_model(output_dir)` (the stage trainers of
     `dbrx_tune.training.trainers` write DBRX's original names and layout also from ZeRO-3 or expert-parallel training).
@@ -212,6 +252,7 @@ def train_and_save(
     card_allowed = may_write_card(args.output_dir)  # asked before PEFT's save writes its template README.md
     if trainer.is_world_process_zero():
         mark_output_dir(args.output_dir, stage, recipe.path)
+    save_random_init_base(trainer, recipe)
     add_vibe_checks(trainer, recipe, stage)
     resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
     result = trainer.train(resume_from_checkpoint=resume)

@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 def build_ppo_models(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Policy, reference, value model and reward for `PPOTrainer(**models, ...)`."""
     args, model_args = recipe.training, recipe.model
+    if model_args.random_init and model_args.use_peft:
+        # The policy and value adapters would be saved without their random base weights (two different ones)
+        raise ValueError(
+            "random_init with use_peft: PPO cannot save the random base weights beside its two adapters, so nothing "
+            "could load or merge them; drop use_peft (full fine-tuning of the tiny model) or train from a saved base"
+        )
     reward_function = parse_reward_function(args.reward_function) if args.reward_function else None
     if args.reward_model_path:
         check_reward_checkpoint(args.reward_model_path)
