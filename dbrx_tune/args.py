@@ -68,6 +68,13 @@ class ModelArguments(ModelConfig):
             "bounds the routed intermediate (tokens x top_k x ffn) at long context. null: all tokens at once."
         },
     )
+    sp_size: int = field(
+        default=1,
+        metadata={
+            "help": "Ulysses sequence parallelism (DeepSpeed ALST, SFT under DeepSpeed): split every sequence over "
+            "this many ranks; activations per rank fall by as much. 1: off."
+        },
+    )
     activation_offload: bool = field(
         default=False,
         metadata={

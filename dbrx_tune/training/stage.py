@@ -42,6 +42,7 @@ from dbrx_tune.tokenizer import load_tokenizer
 from dbrx_tune.training.model_card import build_model_card, may_write_card, write_model_card
 from dbrx_tune.training.offload import check_long_context_settings
 from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
+from dbrx_tune.training.sequence_parallel import check_sequence_parallel
 
 logger = logging.getLogger("dbrx_tune")
 
@@ -91,6 +92,7 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         if args.deepspeed:
             check_parallelism(recipe, config)
         check_long_context_settings(recipe, config)
+        check_sequence_parallel(recipe, config, training_class)
         check_vibe_settings(recipe, training_class)
         check_random_init_adapter(recipe)
     except (OutputDirError, ParallelConfigError, OSError, ValueError) as err:
