@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -41,3 +42,22 @@ def test_sample_longer_than_max_length_is_named_when_truncation_is_off(tmp_path,
     monkeypatch.chdir(REPO_ROOT)
     message = run_expecting_exit(tmp_path, "--max_length", "8")
     assert "bundled://sft [train]" in message and "row 0" in message and "max_length=8" in message
+
+
+def test_assistant_only_loss_on_text_data_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr("sft.train.load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    text = tmp_path / "plain.jsonl"
+    text.write_text("".join(json.dumps({"text": f"plain text number {i}"}) + "\n" for i in range(4)))
+    message = run_expecting_exit(tmp_path, "--dataset_name", str(text), "--dataset_test_split", "none")
+    assert "plain.jsonl [train]" in message and "assistant_only_loss: true" in message and "text data" in message
+
+
+def test_output_file_system_too_small_for_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        "dbrx_tune.training.disk_space.shutil.disk_usage", lambda path: real(path)._replace(free=1_000_000)
+    )
+    message = run_expecting_exit(tmp_path)
+    assert f"output_dir {tmp_path / 'out'}: 1.0 MB free on its file system, one checkpoint needs about" in message
