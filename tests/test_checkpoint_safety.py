@@ -63,6 +63,21 @@ def test_checkpoint_estimate_counts_weights_adam_and_master_for_full_and_only_th
     assert 0 < checkpoint_bytes(shapes, lora, deepspeed=True) < checkpoint_bytes(shapes, full, deepspeed=True) / 4
 
 
+def test_parameter_shapes_need_no_weights_also_under_zero3():
+    """Stage scripts estimate after the DeepSpeed config is live, where `from_config` would ZeRO-3-partition."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = load_model_config(ModelArguments(model_name_or_path=TINY_DBRX))
+    expected = parameter_shapes(config)
+    live = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})  # noqa: F841
+    try:
+        assert parameter_shapes(config) == expected and expected
+    finally:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
 class _TrainerFillingTheDisk:
     """Just enough of a Trainer for `train_and_save`; its save fails as a full disk makes it fail."""
 

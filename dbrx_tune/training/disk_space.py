@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from dbrx_tune.args import ModelArguments
 from dbrx_tune.build import resolve_dtype
@@ -29,9 +30,14 @@ class DiskSpaceError(OSError):
 
 
 def parameter_shapes(config: PretrainedConfig) -> list[torch.Size]:
-    """The shapes of the model's parameters, built on the meta device (no memory, any size)."""
+    """The shapes of the model's parameters, built on the meta device (no memory, any size).
+
+    The class is called directly: `from_config` under ZeRO-3 would partition the meta model and fail to init it.
+    A config without a causal-LM class gives no shapes (no estimate, nothing refused)."""
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return []
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     return [param.shape for param in model.parameters()]
 
 
