@@ -113,6 +113,13 @@ class RunArguments:
             "(transformers 5 dropped the key of this name; nothing is ever deleted)."
         },
     )
+    trust_checkpoint: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint without checking its files against the sha256 manifest this toolkit "
+            "writes at each save (for checkpoints written by another tool; their pickled files are loaded as is)."
+        },
+    )
 
 
 @dataclass

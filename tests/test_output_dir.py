@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from dbrx_tune.training.manifest import MANIFEST, write_manifest
 from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
 
 
@@ -23,12 +24,16 @@ def test_foreign_non_empty_directory_is_refused_and_left_intact(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def _checkpoint(root, step: int, complete: bool = True):
+def _checkpoint(root, step: int, complete: bool = True, manifest: bool = True):
     path = root / f"checkpoint-{step}"
     path.mkdir()
     (path / "model.safetensors").write_bytes(b"weights")
-    if complete:  # transformers' Trainer writes trainer_state.json last
+    (path / "global_step" / "optim_states.pt").parent.mkdir()
+    (path / "global_step" / "optim_states.pt").write_bytes(b"pickled optimizer")
+    if complete:  # transformers' Trainer writes trainer_state.json last, the toolkit its manifest after it
         (path / "trainer_state.json").write_text("{}")
+        if manifest:
+            write_manifest(str(path))
     return path
 
 
@@ -76,6 +81,47 @@ def test_resume_takes_the_newest_complete_checkpoint_past_a_partial_one(tmp_path
     assert partial.exists()  # left in place for the user to inspect
     with pytest.raises(OutputDirError, match="checkpoint-12 has no trainer_state.json"):
         resolve_resume_checkpoint(str(tmp_path), str(partial))
+
+
+def test_resume_passes_over_a_checkpoint_killed_before_its_manifest(tmp_path, caplog):
+    mark_output_dir(str(tmp_path), "sft", "recipe.yaml")
+    _checkpoint(tmp_path, 4)
+    unfinished = _checkpoint(tmp_path, 8, manifest=False)  # trainer_state.json written, killed before the manifest
+    assert resolve_resume_checkpoint(str(tmp_path), "latest") == str(tmp_path / "checkpoint-4")
+    assert f"checkpoint-8 has no {MANIFEST}" in caplog.text
+    with pytest.raises(OutputDirError, match=f"checkpoint-8 has no {MANIFEST}.*trust_checkpoint: true"):
+        resolve_resume_checkpoint(str(tmp_path), str(unfinished))
+
+
+@pytest.mark.parametrize("requested", ["latest", "path"])
+def test_a_file_changed_after_the_save_is_named_and_refused(tmp_path, requested):
+    mark_output_dir(str(tmp_path), "sft", "recipe.yaml")
+    checkpoint = _checkpoint(tmp_path, 4)
+    target = str(checkpoint) if requested == "path" else requested
+    (checkpoint / "global_step" / "optim_states.pt").write_bytes(b"pickled payload!")  # same size, other bytes
+    with pytest.raises(OutputDirError, match="global_step/optim_states.pt does not match its sha256"):
+        resolve_resume_checkpoint(str(tmp_path), target)
+    assert resolve_resume_checkpoint(str(tmp_path), target, trust=True) == str(checkpoint)
+
+
+def test_a_file_added_or_removed_after_the_save_is_named_and_refused(tmp_path):
+    checkpoint = _checkpoint(tmp_path, 4)
+    (checkpoint / "rng_state_7.pth").write_bytes(b"pickled payload")
+    with pytest.raises(OutputDirError, match="rng_state_7.pth is not in dbrx_tune_manifest.json"):
+        resolve_resume_checkpoint(str(tmp_path), str(checkpoint))
+    (checkpoint / "rng_state_7.pth").unlink()
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(OutputDirError, match="model.safetensors is listed in dbrx_tune_manifest.json but missing"):
+        resolve_resume_checkpoint(str(tmp_path), str(checkpoint))
+
+
+def test_checkpoints_without_manifest_need_trust_checkpoint(tmp_path):
+    """Another tool's (or an older dbrx_tune's) checkpoints: refused, not silently restarted over."""
+    mark_output_dir(str(tmp_path), "sft", "recipe.yaml")
+    _checkpoint(tmp_path, 4, manifest=False)
+    with pytest.raises(OutputDirError, match="no checkpoint .* has a dbrx_tune_manifest.json.*trust_checkpoint: true"):
+        resolve_resume_checkpoint(str(tmp_path), "latest")
+    assert resolve_resume_checkpoint(str(tmp_path), "latest", trust=True) == str(tmp_path / "checkpoint-4")
 
 
 def test_latest_without_checkpoint_starts_fresh_and_bad_path_is_named(tmp_path):

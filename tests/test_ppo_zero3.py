@@ -19,6 +19,8 @@ import torch
 from gloo_ranks import REPO_ROOT, WORLD, ZERO3_AUTO, launch_two_ranks, start_gloo_deepspeed
 from safetensors.torch import load_file
 
+from dbrx_tune.training.manifest import MANIFEST, verify_manifest
+
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or executes
 
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_ppo.yaml")
@@ -103,6 +105,10 @@ def test_zero3_ppo_partitions_the_models_and_logs_every_update_with_finite_metri
     assert json.loads((out / "train_results.json").read_text())["objective/kl"] == history[-1]["objective/kl"]
     # intermediate checkpoints of the partitioned grouped experts were written too
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{step}" for step in range(1, UPDATES + 1)]
+    for checkpoint in out.glob("checkpoint-*"):  # hashed once both ranks had written their files
+        verify_manifest(str(checkpoint))
+        recorded = json.loads((checkpoint / MANIFEST).read_text())["files"]
+        assert {f"random_states_{rank}.pkl" for rank in range(WORLD)} <= set(recorded), sorted(recorded)
 
 
 def test_zero3_ppo_saves_a_trained_policy_that_stock_dbrx_loads_in_the_original_layout(ppo_run):

@@ -293,6 +293,35 @@ def test_missing_dataset_file_is_a_clear_error(tmp_path):
         load_benchmark(str(tmp_path / "nope.jsonl"))
 
 
+def test_malformed_jsonl_line_is_reported_with_file_and_line_number(tmp_path):
+    lines = V1_SAMPLE.read_text().splitlines()
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join([*lines[:3], '{"prompt": "cut off', *lines[3:]]) + "\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl: line 4 is not valid JSON"):
+        load_benchmark(str(path))
+    path.write_text("\n".join([*lines[:2], "[1, 2]"]) + "\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl: line 3 is a JSON list, not an object"):
+        load_benchmark(str(path))
+
+
+def test_cli_refuses_an_output_dir_that_is_a_file_before_scoring(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(rewardbench, "build_scorer", lambda args: pytest.fail("a model was loaded"))
+    taken = tmp_path / "results"
+    taken.write_text("not a directory")
+    code = rewardbench.main(["--model", str(tmp_path), "--dataset", str(V1_SAMPLE), "--output-dir", str(taken)])
+    assert code == 2
+    assert f"--output-dir {taken}: {taken} is a file, not a directory" in caplog.text
+    assert taken.read_text() == "not a directory"
+
+
+def test_cli_names_a_missing_model_directory_in_one_line(tmp_path, caplog):
+    missing = tmp_path / "no-such-model"
+    code = rewardbench.main(["--model", str(missing), "--dataset", str(V1_SAMPLE), "--output-dir", str(tmp_path)])
+    assert code == 2
+    errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
+    assert errors == [f"--model {missing}: no such directory"]
+
+
 def test_model_without_score_head_is_rejected(causal_lm_dirs):
     with pytest.raises(ValueError, match=r"is not a reward model: its architectures are \['DbrxForCausalLM'\]"):
         load_reward_model(str(causal_lm_dirs[0]))

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from model_card_checks import check_model_card
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from dbrx_tune.training.manifest import MANIFEST, verify_manifest
+from dbrx_tune.training.output_dir import checkpoint_dirs
 
 pytestmark = pytest.mark.slow  # end-to-end: every test here trains, launches or executes
 
@@ -19,7 +24,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
 
 
-def launch_sft(output_dir: str, *overrides: str) -> subprocess.CompletedProcess:
+def sft_command(output_dir: str, *overrides: str) -> tuple[list[str], dict[str, str]]:
     command = [
         sys.executable,
         "-m",
@@ -47,6 +52,11 @@ def launch_sft(output_dir: str, *overrides: str) -> subprocess.CompletedProcess:
         *overrides,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return command, env
+
+
+def launch_sft(output_dir: str, *overrides: str) -> subprocess.CompletedProcess:
+    command, env = sft_command(output_dir, *overrides)
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -131,3 +141,61 @@ def test_rerun_into_used_output_dir_without_resume_is_refused(first_run):
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert "holds an earlier dbrx_tune run" in output and "--resume_from_checkpoint latest" in output
+
+
+def kill_during_a_save(output_dir: str, *overrides: str) -> str:
+    """Run training and SIGKILL it while a checkpoint is being written; return that checkpoint.
+
+    A real race made deterministic: the moment a new `checkpoint-N` directory appears the run is frozen (SIGSTOP);
+    if its manifest is not there yet the save is unfinished and the run is killed, else it is let go (SIGCONT) and
+    the next save is tried. An earlier complete checkpoint is required first, for the resume to find."""
+    command, env = sft_command(output_dir, *overrides)
+    # accelerate launch trains in a child process: its own session, so the whole group is frozen and killed
+    run = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    seen: set[str] = set()
+    deadline = time.monotonic() + 600
+    try:
+        while run.poll() is None and time.monotonic() < deadline:
+            new = [path for path in checkpoint_dirs(output_dir) if path not in seen]
+            if not new:
+                time.sleep(0.001)
+                continue
+            os.killpg(run.pid, signal.SIGSTOP)
+            newest = new[0]
+            seen.update(new)
+            if len(seen) > 1 and not os.path.exists(os.path.join(newest, MANIFEST)):
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+                return newest
+            os.killpg(run.pid, signal.SIGCONT)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    raise AssertionError(f"the run ended (exit {run.returncode}) before a save could be interrupted: {sorted(seen)}")
+
+
+def test_a_run_killed_during_a_save_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    output_dir = str(tmp_path / "run")
+    overrides = ("--max_steps", "12", "--save_steps", "3", "--save_total_limit", "10", "--vibe_prompts", "null")
+    partial = kill_during_a_save(output_dir, *overrides)
+    assert not os.path.exists(os.path.join(partial, MANIFEST))
+    complete = [path for path in checkpoint_dirs(output_dir) if os.path.exists(os.path.join(path, MANIFEST))]
+    for path in complete:
+        verify_manifest(path)  # every finished save's files are as recorded
+    newest_complete = complete[0]
+    assert int(newest_complete.rsplit("-", 1)[1]) < int(partial.rsplit("-", 1)[1])
+
+    result = launch_sft(output_dir, *overrides, "--resume_from_checkpoint", "latest")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"resuming from {newest_complete}" in output
+    assert f"{partial} has no " in output  # the interrupted save is named and passed over
+    step = int(newest_complete.rsplit("-", 1)[1])
+    assert f"and global step {step}" in output  # transformers restored the trainer state
+    with open(os.path.join(output_dir, "trainer_state.json")) as handle:
+        assert json.load(handle)["global_step"] == 12  # the resumed run finished
+    for path in checkpoint_dirs(output_dir):  # the interrupted checkpoint was saved again, whole
+        verify_manifest(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -48,3 +49,22 @@ def test_lora_on_a_random_init_model_under_zero3_is_refused(tmp_path, monkeypatc
     zero3 = os.path.join(REPO_ROOT, "recipes", "deepspeed", "zero3.json")
     message = run_expecting_exit(tmp_path, "--use_peft", "true", "--deepspeed", zero3)
     assert "random_init with use_peft under ZeRO-3" in message and "dbrx_sft.yaml" in message
+
+
+def test_assistant_only_loss_on_text_data_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    monkeypatch.setattr("sft.train.load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    text = tmp_path / "plain.jsonl"
+    text.write_text("".join(json.dumps({"text": f"plain text number {i}"}) + "\n" for i in range(4)))
+    message = run_expecting_exit(tmp_path, "--dataset_name", str(text), "--dataset_test_split", "none")
+    assert "plain.jsonl [train]" in message and "assistant_only_loss: true" in message and "text data" in message
+
+
+def test_output_file_system_too_small_for_a_checkpoint_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        "dbrx_tune.training.disk_space.shutil.disk_usage", lambda path: real(path)._replace(free=1_000_000)
+    )
+    message = run_expecting_exit(tmp_path)
+    assert f"output_dir {tmp_path / 'out'}: 1.0 MB free on its file system, one checkpoint needs about" in message

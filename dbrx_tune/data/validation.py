@@ -239,6 +239,21 @@ def validate_sft_dataset(dataset: Dataset | DatasetDict, source: str) -> str:
     return _validate(dataset, source, "SFT", SFT_FORMATS)
 
 
+def check_assistant_only_loss(dataset: Dataset, source: str) -> None:
+    """Refuse `assistant_only_loss: true` on data without assistant turns (TRL raises late, once the model is loaded).
+
+    Only conversations (`messages`, or conversational `prompt`/`completion`) have assistant turns to keep."""
+    fmt = detect_format(dataset)
+    conversational = fmt == "messages" or (
+        fmt == "prompt_completion" and len(dataset) > 0 and _is_conversation(dataset[0]["prompt"])
+    )
+    if not conversational:
+        raise DatasetValidationError(
+            f"{source}: assistant_only_loss: true needs conversations (a 'messages' column), but this is plain "
+            f"{fmt} data with no assistant turns: set assistant_only_loss: false"
+        )
+
+
 def validate_preference_dataset(dataset: Dataset | DatasetDict, source: str) -> str:
     """Check preference data (reward model, DPO, ORPO); return `preference` or `implicit_preference`."""
     return _validate(dataset, source, "preference training", PREFERENCE_FORMATS)

@@ -7,9 +7,11 @@ directory is usable when it is new, empty, or marked (a previous run of ours, wh
 continue). `overwrite_output_dir: true` lets a run write beside foreign files, but never into a directory holding
 checkpoints or a saved model (rotation would delete them, the final save would replace them): nothing is deleted.
 
-A checkpoint is complete once `trainer_state.json` is in it: transformers' Trainer writes that file last, after the
-weights, optimizer and RNG state, so a save interrupted by kill -9, Ctrl-C or a full disk leaves a checkpoint
-without it. Resuming takes the newest complete checkpoint and says which partial ones it passed over (left in place).
+A checkpoint is complete once its sha256 manifest is in it (`dbrx_tune.training.manifest`, written after
+transformers' `trainer_state.json`, itself written after the weights, optimizer and RNG state), so a save interrupted by
+kill -9, Ctrl-C or a full disk leaves a checkpoint without it. Resuming takes the newest complete checkpoint, says
+which partial ones it passed over (left in place), and checks its files against the manifest before anything
+unpickles them; `trust_checkpoint: true` resumes from a checkpoint without a manifest (written by another tool).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import json
 import logging
 import os
 import tempfile
+
+from dbrx_tune.training.manifest import MANIFEST, ManifestError, has_manifest, verify_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +50,9 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
     return [path for _, path in sorted(found, reverse=True)]
 
 
-def is_complete_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, TRAINER_STATE))
+def is_complete_checkpoint(path: str, *, trust: bool = False) -> bool:
+    """Whether a save of `path` finished: its manifest is there (with `trust`, transformers' trainer state)."""
+    return os.path.isfile(os.path.join(path, TRAINER_STATE)) and (trust or has_manifest(path))
 
 
 def saved_model_files(output_dir: str) -> list[str]:
@@ -113,26 +118,36 @@ def mark_output_dir(output_dir: str, stage: str, recipe_path: str) -> None:
     os.replace(handle.name, marker)
 
 
-def latest_complete_checkpoint(output_dir: str) -> str | None:
+def latest_complete_checkpoint(output_dir: str, *, trust: bool = False) -> str | None:
     """The newest checkpoint of `output_dir` that a save finished; partial newer ones are named in a warning."""
     for path in checkpoint_dirs(output_dir):
-        if is_complete_checkpoint(path):
+        if is_complete_checkpoint(path, trust=trust):
             return path
-        logger.warning("resume: %s has no %s (a save was interrupted): skipped, left in place", path, TRAINER_STATE)
+        missing = TRAINER_STATE if trust or not os.path.isfile(os.path.join(path, TRAINER_STATE)) else MANIFEST
+        logger.warning("resume: %s has no %s (a save was interrupted): skipped, left in place", path, missing)
     return None
 
 
-def resolve_resume_checkpoint(output_dir: str, requested: str | None) -> str | None:
+def resolve_resume_checkpoint(output_dir: str, requested: str | None, *, trust: bool = False) -> str | None:
     """Turn `resume_from_checkpoint` ("latest"/"true" or a path) into a complete checkpoint, or None to start fresh.
 
-    Refuses a path that is not a complete checkpoint, and a fresh start over a finished run's saved model."""
+    Refuses a path that is not a complete checkpoint, a checkpoint whose files do not match its manifest (unless
+    `trust`), and a fresh start over a finished run's saved model or over checkpoints without a manifest."""
     if requested in (None, "", "false", "False"):
         return None
     if requested in RESUME_LATEST:
-        last = latest_complete_checkpoint(output_dir)
+        last = latest_complete_checkpoint(output_dir, trust=trust)
         if last is not None:
+            _verify(last, trust)
             logger.info("resume_from_checkpoint=%s: resuming from %s", requested, last)
             return last
+        unverified = [path for path in checkpoint_dirs(output_dir) if is_complete_checkpoint(path, trust=True)]
+        if unverified:
+            raise OutputDirError(
+                f"resume_from_checkpoint={requested}: no checkpoint in {output_dir} has a {MANIFEST} "
+                f"({os.path.basename(unverified[0])} was saved by another tool or an older dbrx_tune); set "
+                "trust_checkpoint: true to resume from it anyway (its files are unpickled) or choose another output_dir"
+            )
         model_files = saved_model_files(output_dir) if os.path.isdir(output_dir) else []
         if model_files:
             raise OutputDirError(
@@ -146,9 +161,20 @@ def resolve_resume_checkpoint(output_dir: str, requested: str | None) -> str | N
         return None
     if not os.path.isdir(requested):
         raise OutputDirError(f"resume_from_checkpoint: {requested} is not a checkpoint directory")
-    if not is_complete_checkpoint(requested):
+    if not os.path.isfile(os.path.join(requested, TRAINER_STATE)):
         raise OutputDirError(
             f"resume_from_checkpoint: {requested} has no {TRAINER_STATE}: its save did not finish; pass an earlier "
             "checkpoint or --resume_from_checkpoint latest (the newest complete one)"
         )
+    _verify(requested, trust)
     return requested
+
+
+def _verify(checkpoint: str, trust: bool) -> None:
+    if trust:
+        logger.warning("trust_checkpoint: resuming from %s without checking its files", checkpoint)
+        return
+    try:
+        verify_manifest(checkpoint)
+    except ManifestError as err:
+        raise OutputDirError(f"resume_from_checkpoint: {err}") from None

@@ -25,6 +25,7 @@ from trl import RewardConfig
 from dbrx_tune.build import check_experts_precision, is_dbrx, load_model_config
 from dbrx_tune.data import load_splits
 from dbrx_tune.data.validation import (
+    check_assistant_only_loss,
     check_lengths,
     validate_preference_dataset,
     validate_prompt_dataset,
@@ -39,6 +40,8 @@ from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config
 from dbrx_tune.parallel.zero3 import expert_parallel_size, zero_stage
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
+from dbrx_tune.training.disk_space import check_free_space, checkpoint_bytes, naming_a_full_disk, parameter_shapes
+from dbrx_tune.training.manifest import ManifestCallback
 from dbrx_tune.training.model_card import build_model_card, may_write_card, write_model_card
 from dbrx_tune.training.offload import check_long_context_settings
 from dbrx_tune.training.output_dir import OutputDirError, check_output_dir, mark_output_dir, resolve_resume_checkpoint
@@ -82,12 +85,18 @@ def start_stage(argv: list[str] | None, training_class: type, stage_class: type 
         check_output_dir(
             args.output_dir, overwrite=recipe.run.overwrite_output_dir, resume=bool(args.resume_from_checkpoint)
         )
-        resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        # resolved and checked against its manifest once, here, before anything unpickles it; train_and_save
+        # resumes from this path
+        args.resume_from_checkpoint = resolve_resume_checkpoint(
+            args.output_dir, args.resume_from_checkpoint, trust=recipe.run.trust_checkpoint
+        )
         config = load_model_config(recipe.model)
+        shapes = parameter_shapes(config)
+        check_free_space(args.output_dir, checkpoint_bytes(shapes, recipe.model, deepspeed=bool(args.deepspeed)))
         if not recipe.model.random_init:
             check_weight_files(recipe.model.model_name_or_path)
-        if resume is not None:
-            check_weight_files(resume)
+        if args.resume_from_checkpoint is not None:
+            check_weight_files(args.resume_from_checkpoint)
         check_experts_precision(recipe.model, args.deepspeed)
         if args.deepspeed:
             check_parallelism(recipe, config)
@@ -235,6 +244,8 @@ def _load_and_validate(
             f"{data.eval_dataset_name if split != 'train' and data.eval_dataset_name else data.dataset_name} [{split}]"
         )
         VALIDATORS[kind](dataset, source)
+        if kind == "sft" and getattr(recipe.training, "assistant_only_loss", False):
+            check_assistant_only_loss(dataset, source)
         if max_length is not None:
             check_lengths(dataset, tokenizer, max_length, source, allow_truncation=data.truncation)
     return splits
@@ -243,9 +254,10 @@ def _load_and_validate(
 def train_and_save(
     trainer: Trainer, recipe: Recipe, stage: str, save_model: Callable[[Trainer, str], None] | None = None
 ) -> dict:
-    """Train (resuming when asked) with the recipe's vibe checks, then save a plain HF checkpoint (or adapter, with
-    a random-init base beside it), the resolved recipe, the metrics and the model card (`README.md`, unless a
-    README.md of someone else's is already there).
+    """Train (resuming from the checkpoint `start_stage` resolved and checked) with the recipe's vibe checks and a
+    sha256 manifest written into each checkpoint, then save a plain HF checkpoint (or adapter, with a random-init base
+    beside it), the resolved recipe, the metrics and the model card (`README.md`, unless a README.md of someone
+    else's is already there).
 
     `save_model(trainer, output_dir)` replaces the default `trainer.save_model(output_dir)` (the stage trainers of
     `dbrx_tune.training.trainers` write DBRX's original names and layout also from ZeRO-3 or expert-parallel training).
@@ -256,23 +268,24 @@ def train_and_save(
         mark_output_dir(args.output_dir, stage, recipe.path)
     save_random_init_base(trainer, recipe)
     add_vibe_checks(trainer, recipe, stage)
-    resume = resolve_resume_checkpoint(args.output_dir, args.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-    # TRL switches router logits on for training; a saved model must generate without computing the loss (PPO's
-    # policy-and-value module has no config: it asks for router logits per forward)
-    trained = trainer.accelerator.unwrap_model(trainer.model)
-    if hasattr(trained, "config"):
-        trained.config.output_router_logits = False
-    if save_model is not None:
-        save_model(trainer, args.output_dir)
-    else:
-        trainer.save_model(args.output_dir)
-    trainer.log_metrics("train", metrics)
-    trainer.save_metrics("train", metrics)
-    trainer.save_state()
+    trainer.add_callback(ManifestCallback())
+    with naming_a_full_disk(args.output_dir):  # checkpoints during training and the final save
+        result = trainer.train(resume_from_checkpoint=recipe.training.resume_from_checkpoint)  # start_stage's pick
+        metrics = dict(result.metrics)
+        if trainer.eval_dataset is not None:
+            metrics.update(trainer.evaluate())
+        # TRL switches router logits on for training; a saved model must generate without computing the loss
+        # (PPO's policy-and-value module has no config: it asks for router logits per forward)
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(trained, "config"):
+            trained.config.output_router_logits = False
+        if save_model is not None:
+            save_model(trainer, args.output_dir)
+        else:
+            trainer.save_model(args.output_dir)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
     if trainer.is_world_process_zero():
         processing_class = trainer.processing_class
         if processing_class is not None:

@@ -16,6 +16,7 @@ Schemas (the hub datasets' columns):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -65,6 +66,8 @@ def _load_table(source: str, hub_split: str | None) -> dict[str, datasets.Datase
         builder = LOCAL_BUILDERS.get(path.suffix.lower())
         if builder is None:
             raise ValueError(f"{source}: unsupported file type {path.suffix!r}; use .json, .jsonl or .parquet")
+        if path.suffix.lower() == ".jsonl":
+            _check_json_lines(path)
         return {path.stem: datasets.load_dataset(builder, data_files=str(path), split="train")}
     if path.is_dir():
         loaded = datasets.load_from_disk(str(path))
@@ -78,6 +81,20 @@ def _load_table(source: str, hub_split: str | None) -> dict[str, datasets.Datase
     if isinstance(loaded, datasets.DatasetDict):
         return dict(loaded)
     return {hub_split or "train": loaded}
+
+
+def _check_json_lines(path: Path) -> None:
+    """Name the first line of a JSONL file that is not a JSON object (`datasets` reports a byte position, no file)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {number} is a JSON {type(row).__name__}, not an object (one row)")
 
 
 def _require_columns(table: datasets.Dataset, required: tuple[str, ...], where: str) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -141,8 +143,21 @@ def build_scorer(args: argparse.Namespace) -> tuple[RewardModelScorer | DpoRewar
     return scorer, tokenizer, MODEL_TYPE_CLASSIFIER
 
 
+def check_paths(args: argparse.Namespace) -> None:
+    """Refuse an --output-dir that cannot take the leaderboard files and local model paths that do not exist, before
+    anything is loaded or scored (a missing local model otherwise reaches the hub client as a bad repo id)."""
+    output = Path(args.output_dir)
+    blocking = next((part for part in (output, *output.parents) if part.exists() and not part.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(f"--output-dir {args.output_dir}: {blocking} is a file, not a directory; choose another")
+    for flag, value in (("--model", args.model), ("--ref-model", args.ref_model), ("--tokenizer", args.tokenizer)):
+        if value and not os.path.exists(value) and value.startswith((".", os.sep, "~")):
+            raise FileNotFoundError(f"{flag} {value}: no such directory")
+
+
 def run(args: argparse.Namespace) -> SectionReport:
     """Evaluate, write the leaderboard files, print the table; returns the section report."""
+    check_paths(args)
     # Data first: a malformed dataset fails before any model is loaded.
     schema, examples = load_benchmark(args.dataset, args.schema)
     if args.prior_sets and schema != "v1":
@@ -196,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # bad input, missing files, a hub id that cannot be fetched: one line
         logger.error("%s", err)
         return 2
     return 0
