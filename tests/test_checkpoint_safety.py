@@ -98,7 +98,10 @@ class _TrainerFillingTheDisk:
 
 def test_no_space_left_during_a_save_is_one_line_naming_the_directory(tmp_path):
     recipe = SimpleNamespace(
-        path="recipe.yaml", vibes=SimpleNamespace(enabled=False), training=SimpleNamespace(resume_from_checkpoint=None)
+        path="recipe.yaml",
+        vibes=SimpleNamespace(enabled=False),
+        training=SimpleNamespace(resume_from_checkpoint=None),
+        model=SimpleNamespace(random_init=False),
     )
     with pytest.raises(SystemExit) as stop:
         train_and_save(_TrainerFillingTheDisk(str(tmp_path)), recipe, "sft")

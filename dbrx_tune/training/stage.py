@@ -130,8 +130,10 @@ def save_random_init_base(trainer: Trainer, recipe: Recipe) -> None:
     has no weights to start from. It is written before training (LoRA freezes the base), so every `checkpoint-N`
     adapter points at it too; with 4-bit experts it holds their dequantized values, the weights the adapter trained on.
     """
+    if not recipe.model.random_init:
+        return
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if not (recipe.model.random_init and isinstance(model, PeftModel)):
+    if not isinstance(model, PeftModel):
         return
     base_dir = os.path.abspath(os.path.join(trainer.args.output_dir, RANDOM_BASE_DIR))
     for config in model.peft_config.values():
