@@ -32,7 +32,7 @@ from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
 from dbrx_tune.modeling.value_head import DbrxForTokenValue
 from dbrx_tune.modeling.weight_files import check_weight_files
-from dbrx_tune.parallel.launch import read_json_config
+from dbrx_tune.parallel.launch import deepspeed_config
 from dbrx_tune.parallel.zero3 import apply_experts_implementation, gathered, prepare_for_deepspeed, zero_stage
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def check_experts_precision(model_args: ModelArguments, deepspeed: str | dict | 
         raise ValueError(f"{key} needs experts_implementation: grouped (got {model_args.experts_implementation!r})")
     if model_args.load_in_4bit:
         raise ValueError(f"{key} is not supported with load_in_4bit (QLoRA's NF4 experts run bf16 GEMMs)")
-    ds_config = read_json_config(deepspeed) if isinstance(deepspeed, str) else deepspeed
-    if zero_stage(ds_config) == 3:
+    if zero_stage(deepspeed_config(deepspeed)) == 3:
         raise ValueError(
             f"{key} is not supported under ZeRO-3 or the AutoEP preset (its FP8 weight copies need whole expert "
             "weights on each GPU): use experts_precision: bf16, or ZeRO stage 0-2"

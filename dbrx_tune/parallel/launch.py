@@ -115,6 +115,11 @@ def read_json_config(path: str) -> dict[str, Any]:
     return values
 
 
+def deepspeed_config(value: str | Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The `deepspeed` training argument as a dict: a JSON file's contents (`read_json_config`), a mapping as is."""
+    return read_json_config(value) if isinstance(value, str) else value
+
+
 def check_launch_settings(settings: Mapping[str, Any], source: str = "accelerate config") -> None:
     """Check an accelerate launch configuration (the YAML mapping plus command-line values) before launching.
 

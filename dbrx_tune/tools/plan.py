@@ -485,14 +485,13 @@ def plan_recipe(path: str, *, gpus: int, gpu_memory_gb: float, overrides: dict[s
 
     The `deepspeed:` path is read relative to the working directory; overriding it with None plans without DeepSpeed.
     """
-    from dbrx_tune.parallel.launch import read_json_config
+    from dbrx_tune.parallel.launch import deepspeed_config
     from dbrx_tune.recipe import RecipeError, load_yaml_mapping
 
     values = {**load_yaml_mapping(path), **(overrides or {})}
     if not values.get("model_name_or_path"):
         raise RecipeError(f"{path}: model_name_or_path is required")
-    ds_path = values.get("deepspeed")
-    ds_config = read_json_config(ds_path) if isinstance(ds_path, str) else ds_path
+    ds_config = deepspeed_config(values.get("deepspeed"))
     return plan(
         values,
         model_shape(values["model_name_or_path"]),

@@ -36,7 +36,7 @@ from dbrx_tune.evals.vibes.check import VibeChecker
 from dbrx_tune.evals.vibes.prompts import load_vibe_prompts
 from dbrx_tune.modeling.lora import base_model_copy
 from dbrx_tune.modeling.weight_files import check_weight_files
-from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config, read_json_config
+from dbrx_tune.parallel.launch import ParallelConfigError, check_parallel_config, deepspeed_config
 from dbrx_tune.parallel.zero3 import expert_parallel_size, zero_stage
 from dbrx_tune.recipe import Recipe, RecipeError, parse_recipe
 from dbrx_tune.tokenizer import load_tokenizer
@@ -115,7 +115,7 @@ def check_random_init_adapter(recipe: Recipe) -> None:
     model_args, ds_config = recipe.model, recipe.training.deepspeed
     if not (model_args.random_init and model_args.use_peft and ds_config):
         return
-    if zero_stage(read_json_config(ds_config) if isinstance(ds_config, str) else ds_config) == 3:
+    if zero_stage(deepspeed_config(ds_config)) == 3:
         raise ValueError(
             "random_init with use_peft under ZeRO-3: the random base weights, saved beside the adapter so that it can "
             "be loaded and merged, are partitioned; use ZeRO stage 0-2, or train from a saved base checkpoint"
@@ -178,8 +178,7 @@ def check_parallelism(recipe: Recipe, config: PretrainedConfig) -> None:
     """Refuse DeepSpeed / expert-parallel settings that cannot run on this launch, before any weights load."""
     ds_config = recipe.training.deepspeed
     source = ds_config if isinstance(ds_config, str) else "deepspeed"
-    if isinstance(ds_config, str):
-        ds_config = read_json_config(ds_config)
+    ds_config = deepspeed_config(ds_config)
     model_args = recipe.model
     if not is_dbrx(config):
         if expert_parallel_size(ds_config) > 1:
