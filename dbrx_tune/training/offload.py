@@ -44,7 +44,7 @@ def check_long_context_settings(recipe: Recipe, config: PretrainedConfig) -> Non
     `activation_offload` without checkpointing or enough host memory; an accepted offload switches on transformers'
     checkpoint offload in the training arguments."""
     model_args, args = recipe.model, recipe.training
-    context = config.max_seq_len if is_dbrx(config) else getattr(config, "max_position_embeddings", None)
+    context = getattr(config, "max_position_embeddings", None)  # DbrxConfig maps it to max_seq_len
     max_length = getattr(args, "max_length", None)
     if context and max_length and max_length > context:
         raise ValueError(f"max_length {max_length} exceeds the model's max_seq_len {context}")
@@ -54,8 +54,7 @@ def check_long_context_settings(recipe: Recipe, config: PretrainedConfig) -> Non
         return
     if not args.activation_checkpointing:
         raise ValueError("activation_offload: offloads the checkpointed block inputs; set gradient_checkpointing: true")
-    n_layers = config.n_layers if is_dbrx(config) else config.num_hidden_layers
-    d_model = config.d_model if is_dbrx(config) else config.hidden_size
+    n_layers, d_model = config.num_hidden_layers, config.hidden_size  # DbrxConfig maps both names
     tokens = (max_length or 1024) * args.per_device_train_batch_size
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     bytes_per_value = 2 if (args.bf16 or args.fp16) else 4

@@ -27,7 +27,7 @@ from transformers import PretrainedConfig
 from trl import SFTConfig
 
 from dbrx_tune.build import is_dbrx
-from dbrx_tune.parallel.launch import read_json_config
+from dbrx_tune.parallel.launch import deepspeed_config
 from dbrx_tune.parallel.zero3 import expert_parallel_size
 from dbrx_tune.recipe import Recipe
 
@@ -47,8 +47,7 @@ def check_sequence_parallel(recipe: Recipe, config: PretrainedConfig, training_c
         raise ValueError(f"sp_size {sp}: sequence parallelism is supported for SFT only, not {training_class.__name__}")
     if not args.deepspeed:
         raise ValueError(f"sp_size {sp}: Ulysses sequence parallelism runs inside DeepSpeed; set deepspeed: CONFIG")
-    ds_config = read_json_config(args.deepspeed) if isinstance(args.deepspeed, str) else args.deepspeed
-    if expert_parallel_size(ds_config) > 1:
+    if expert_parallel_size(deepspeed_config(args.deepspeed)) > 1:
         raise ValueError(f"sp_size {sp}: DeepSpeed refuses Ulysses sequence parallelism together with AutoEP")
     if model_args.attn_implementation in (None, "eager"):
         raise ValueError(f"sp_size {sp}: attn_implementation eager cannot be sharded; use sdpa or flash_attention_2")
@@ -58,8 +57,7 @@ def check_sequence_parallel(recipe: Recipe, config: PretrainedConfig, training_c
             "documents would attend to each other; set packing: false (or attn_implementation: flash_attention_2, "
             "which separates them by position_ids)"
         )
-    heads = config.n_heads if is_dbrx(config) else config.num_attention_heads
-    kv_heads = config.attn_config.kv_n_heads if is_dbrx(config) else config.num_key_value_heads
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads  # DbrxConfig maps both names
     if heads % sp or (kv_heads % sp and sp % kv_heads):
         raise ValueError(
             f"sp_size {sp}: the model's {heads} attention heads and {kv_heads} KV heads must split evenly over the "
