@@ -300,6 +300,18 @@ def test_sequence_parallelism_divides_activations_and_needs_a_multiple_of_sp_gpu
         plan({**full, "sp_size": 8, "max_length": 32767}, DBRX, gpus=8, gpu_memory_gb=80, ds_config=ZERO3)
 
 
+@pytest.mark.parametrize("method", ["qlora", "full"])
+def test_8bit_optimizers_hold_a_quarter_of_the_adam_moments(method):
+    """bitsandbytes' 8-bit AdamW keeps one byte per moment instead of four; full fine-tuning keeps its fp32 master."""
+    values = {"use_peft": True, "load_in_4bit": True} if method == "qlora" else {}
+    values.update(max_length=4096, gradient_checkpointing=True)
+    fp32 = plan(values, DBRX, gpus=1, gpu_memory_gb=80, ds_config=None)
+    eight_bit = plan({**values, "optim": "adamw_8bit"}, DBRX, gpus=1, gpu_memory_gb=80, ds_config=None)
+    master = 0 if method == "qlora" else 4
+    assert eight_bit.optimizer_gb == pytest.approx(fp32.optimizer_gb * (2 + master) / (8 + master), rel=0.01)
+    assert eight_bit.per_gpu_gb < fp32.per_gpu_gb
+
+
 def test_max_length_above_the_models_context_is_refused_naming_both():
     with pytest.raises(ValueError, match="max_length 65536 exceeds the model's max_seq_len 32768"):
         plan({**FULL, "max_length": 65536}, DBRX, gpus=8, gpu_memory_gb=80, ds_config=ZERO3)
