@@ -30,22 +30,26 @@ steps and `peak_gb` the peak over all of them (weights + optimizer state + activ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import time
 
 import torch
 import yaml
+from memory_trace import record_peak_composition
 from provenance import provenance, write_result
 from torch import nn
 from transformers import DbrxConfig, DbrxForCausalLM
 from transformers.models.dbrx.modeling_dbrx import DbrxRotaryEmbedding
 from trl.trainer.utils import add_fused_lm_head
 
+from dbrx_tune.modeling.checkpointing import checkpoint_blocks_by_halves
 from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_moe_token_chunk
 from dbrx_tune.modeling.lora import apply_expert_lora
 from dbrx_tune.modeling.moe_loss import sync_moe_config
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts
+from dbrx_tune.modeling.router import use_out_of_place_jitter
 
 logger = logging.getLogger("bench.qlora_132b")
 
@@ -115,6 +119,9 @@ def build_qlora_base(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         logger.info("block %d/%d quantized", index + 1, len(transformer.blocks))
+    # transformers' bitsandbytes loader marks the model so; PEFT then wraps Linear4bit with its bnb LoRA layer (no
+    # fp32 copy of the input under autocast), as in training
+    model.is_loaded_in_4bit = attention == "nf4"
     leftover = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors left on the meta device after building: {leftover[:5]}")
@@ -155,6 +162,7 @@ RECIPE_FLAGS = {
     "activation_offload": "activation_offload",
     "moe_token_chunk": "moe_token_chunk",
     "optim": "optim",
+    "bf16": "autocast",
 }
 """Recipe keys that set this script's flags (`--recipe`); flags given on the command line still win."""
 
@@ -208,8 +216,23 @@ def main() -> None:
     )
     parser.add_argument("--moe-token-chunk", type=int, default=None, help="experts over this many tokens at a time")
     parser.add_argument("--optim", choices=("adamw", "adamw_8bit"), default="adamw")
+    parser.add_argument(
+        "--autocast",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="forward under torch.autocast(bf16), as accelerate runs a `bf16: true` recipe without DeepSpeed",
+    )
+    parser.add_argument(
+        "--checkpoint-halves",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="checkpoint each block's attention and MoE halves apart (default: with --activation-offload, as training)",
+    )
     parser.add_argument("--steps", type=int, default=1, help="training steps; the first is reported apart")
     parser.add_argument("--profile", default=None, help="write the last step's CUDA kernel table (torch.profiler) here")
+    parser.add_argument(
+        "--memory-trace", default=None, help="write what is alive at the last step's CUDA memory peak here (JSON)"
+    )
     parser.add_argument("--recipe", default=None, help="take the memory settings from this QLoRA recipe YAML")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny DBRX on the CPU: checks the script runs")
@@ -221,6 +244,8 @@ def main() -> None:
         parser.set_defaults(**recipe_defaults(args.recipe))
         args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.checkpoint_halves is None:
+        args.checkpoint_halves = bool(args.activation_offload)
 
     if args.smoke:
         device, dtype = torch.device("cpu"), torch.bfloat16
@@ -253,6 +278,9 @@ def main() -> None:
     began = time.perf_counter()
     model = build_qlora_base(config, device, dtype, args.attention, args.experts_per_group)
     build_peak = peak()
+    use_out_of_place_jitter(model)  # as dbrx_tune.build.finish_model: transformers' router scales its input in place
+    if args.checkpoint_halves:
+        checkpoint_blocks_by_halves(model)
     model.activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False}, offload=args.activation_offload and on_cuda
     )
@@ -282,9 +310,13 @@ def main() -> None:
             activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * on_cuda
             profiler = torch.profiler.profile(activities=activities)
             profiler.start()
+        tracing = args.memory_trace and on_cuda and step == args.steps - 1
+        trace = record_peak_composition(args.memory_trace) if tracing else contextlib.nullcontext()
         began = time.perf_counter()
-        loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, **head_kwargs).loss
-        loss.backward()
+        with trace:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):  # accelerate: forward only
+                loss = model(input_ids=input_ids, labels=input_ids, output_router_logits=True, **head_kwargs).loss
+            loss.backward()
         if step == 0:
             peak_forward_backward = peak()
             grads_finite = all(bool(torch.isfinite(p.grad).all()) for p in trainable if p.grad is not None)
@@ -338,6 +370,11 @@ def main() -> None:
         },
         "total_params": sum(p.numel() for p in model.parameters()),
         "optim": args.optim,
+        "autocast": args.autocast,
+        "attention_lora_layer": next(
+            f"{type(m).__module__}.{type(m).__name__}" for n, m in model.named_modules() if n.endswith("attn.Wqkv")
+        ),
+        "checkpoint_halves": args.checkpoint_halves,
         "steps": args.steps,
         "loss": round(losses[0], 4),
         "losses": [round(value, 4) for value in losses],

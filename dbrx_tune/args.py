@@ -79,7 +79,8 @@ class ModelArguments(ModelConfig):
         default=False,
         metadata={
             "help": "With gradient_checkpointing: keep the checkpointed block inputs in pinned host memory "
-            "(transformers' activation-checkpointing offload); refused before loading when host memory is short."
+            "(transformers' activation-checkpointing offload; DBRX blocks are then checkpointed as attention and MoE "
+            "halves, two inputs each); refused before loading when host memory is short."
         },
     )
 

@@ -13,7 +13,7 @@ from dbrx_tune.modeling import experts as experts_module
 from dbrx_tune.modeling.config import tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_experts_implementation, set_moe_token_chunk
 from dbrx_tune.modeling.lora import apply_expert_lora
-from dbrx_tune.modeling.quantized_experts import quantize_experts_4bit
+from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts, quantize_experts_4bit
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_RECIPE = os.path.join(REPO_ROOT, "recipes", "tiny", "dbrx_sft.yaml")
@@ -48,10 +48,14 @@ def _assert_same(reference, other) -> None:
         torch.testing.assert_close(other_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("four_bit", [False, True], ids=["grouped", "nf4"])
+@pytest.mark.parametrize(
+    "four_bit,experts_per_group", [(False, None), (True, None), (True, 3)], ids=["grouped", "nf4", "nf4-groups"]
+)
 @pytest.mark.parametrize("checkpointing", [None, False, True], ids=["plain", "checkpointed", "reentrant"])
-def test_moe_token_chunks_give_the_same_loss_and_gradients(four_bit, checkpointing):
+def test_moe_token_chunks_give_the_same_loss_and_gradients(four_bit, experts_per_group, checkpointing):
     model = _tiny_lora_model(four_bit)
+    for experts in _nf4_experts(model):
+        experts.experts_per_group = experts_per_group or experts.num_experts  # 4 experts: groups of 3 and 1
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     input_ids = torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -77,15 +81,32 @@ def test_moe_token_chunks_train_full_experts_the_same():
 
 def test_checkpointed_layers_do_not_rerun_the_chunked_experts(monkeypatch):
     """Under activation checkpointing the layer's recompute stops before the chunked experts (their inputs are all it
-    needs), so each chunk runs once forward and once in its own backward, not a third time in the layer's recompute."""
+    needs), so every routed row runs once forward and once in its own backward, not a third time in the layer's
+    recompute; and each group of 4-bit experts is dequantized once per pass, not once per token chunk."""
     model = _tiny_lora_model(four_bit=True)
+    for experts in _nf4_experts(model):
+        experts.experts_per_group = 2  # 4 experts: 2 groups
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    set_moe_token_chunk(model, 8)  # 48 tokens: 6 chunks per layer
-    calls = []
-    original = experts_module._expert_rows
-    monkeypatch.setattr(experts_module, "_expert_rows", lambda *args: calls.append(1) or original(*args))
+    set_moe_token_chunk(model, 8)  # 48 tokens, top 2: blocks of at most 16 of the 96 routed rows per layer
+    rows, dequantized = [], []
+    original_rows, original_dequantize = experts_module.swiglu_experts, DbrxNF4Experts.dequantize
+    monkeypatch.setattr(
+        experts_module,
+        "swiglu_experts",
+        lambda module, x, *rest: rows.append(len(x)) or original_rows(module, x, *rest),
+    )
+    monkeypatch.setattr(
+        DbrxNF4Experts, "dequantize", lambda *args: dequantized.append(args[1]) or original_dequantize(*args)
+    )
     _loss_and_grads(model, torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(1)))
-    assert len(calls) == model.config.n_layers * 6 * 2
+    layers, top_k = model.config.n_layers, model.config.ffn_config.moe_top_k
+    assert max(rows) <= 8 * top_k and len(rows) > layers * 2 * 2  # several blocks per group and pass
+    assert sum(rows) == layers * 48 * top_k * 2
+    assert len(dequantized) == layers * 2 * 3 * 2  # layers x groups x (w1, v1, w2) x (forward, backward)
+
+
+def _nf4_experts(model: torch.nn.Module) -> list[DbrxNF4Experts]:
+    return [module for module in model.modules() if isinstance(module, DbrxNF4Experts)]
 
 
 def test_moe_token_chunk_refuses_the_eager_experts():
@@ -94,8 +115,11 @@ def test_moe_token_chunk_refuses_the_eager_experts():
         set_moe_token_chunk(model, 8)
 
 
-def test_activation_offload_moves_checkpointed_inputs_to_host_and_keeps_the_numbers(monkeypatch):
+@pytest.mark.parametrize("halves", [False, True], ids=["whole-blocks", "blocks-by-halves"])
+def test_activation_offload_moves_checkpointed_inputs_to_host_and_keeps_the_numbers(monkeypatch, halves):
     import transformers.modeling_utils as modeling_utils
+
+    from dbrx_tune.modeling.checkpointing import checkpoint_blocks_by_halves
 
     packed = []
 
@@ -113,11 +137,14 @@ def test_activation_offload_moves_checkpointed_inputs_to_host_and_keeps_the_numb
     input_ids = torch.randint(0, 254, (2, 24), generator=torch.Generator().manual_seed(1))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     on_device = _loss_and_grads(model, input_ids)
+    if halves:
+        checkpoint_blocks_by_halves(model)
     assert not packed
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}, offload=True)
     offloaded = _loss_and_grads(model, input_ids)
     d_model, layers = model.config.d_model, model.config.n_layers
-    assert packed.count((2, 24, d_model)) == layers  # every block's input went through the host copy
+    # every checkpoint's input went through the host copy: the block's, or both halves' (the MoE half's too)
+    assert packed.count((2, 24, d_model)) == layers * (2 if halves else 1)
     _assert_same(on_device, offloaded)
 
 

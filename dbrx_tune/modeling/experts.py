@@ -183,15 +183,29 @@ class DbrxGroupedExperts(nn.Module):
         lora_deltas: per projection name ("w1", "v1", "w2"), low-rank updates applied on the routed tokens (set by
         `dbrx_tune.modeling.lora`); None for the plain experts.
         """
-        weights = {name: getattr(self, name) for name in EXPERT_PROJECTIONS}
-        use_fp8 = self.precision == "fp8" and _fp8_runs_here(self.w1.device, self.w1.dtype)
+        projection = self.group_projection(0, self.num_experts, hidden_states.dtype)
+        return run_experts(self, hidden_states, top_k_index, top_k_weights, projection, lora_deltas)
+
+    def expert_groups(self) -> tuple[tuple[int, int], ...]:
+        """Expert ranges the token-chunked path (`set_moe_token_chunk`) runs one after another: all at once here,
+        the weights are already in the compute dtype."""
+        return ((0, self.num_experts),)
+
+    def group_projection(self, start: int, end: int, dtype: torch.dtype):
+        """`base_projection(name, rows, offsets, counts)` for the rows routed to experts [start, end); FP8 GEMMs
+        (their weight cache is per whole projection) where `precision` asks and the range is every expert."""
+        whole = (start, end) == (0, self.num_experts)
+        weights = {
+            name: getattr(self, name) if whole else getattr(self, name)[start:end] for name in EXPERT_PROJECTIONS
+        }
+        use_fp8 = whole and self.precision == "fp8" and _fp8_runs_here(self.w1.device, self.w1.dtype)
 
         def base_projection(name: str, inputs: torch.Tensor, offsets: torch.Tensor, counts) -> torch.Tensor:
             if use_fp8 and counts is None:
                 return fp8_grouped_linear(inputs, weights[name], offsets, self.fp8_cache, name)
             return grouped_linear(inputs, weights[name], offsets, counts)
 
-        return run_experts(self, hidden_states, top_k_index, top_k_weights, base_projection, lora_deltas)
+        return base_projection
 
 
 def run_experts(
@@ -205,106 +219,212 @@ def run_experts(
     """The SwiGLU experts over tokens sorted by expert; `base_projection(name, rows, offsets, counts)` supplies
     the frozen or trainable weights (bf16 3D or dequantized 4-bit), LoRA deltas are added on the same rows.
 
-    With `module.token_chunk` set (`set_moe_token_chunk`) and more tokens than that, the tokens go through the experts
-    a chunk at a time (`_TokenChunkedExperts`): backward keeps only the layer's inputs and recomputes one chunk's
-    routed intermediate (chunk x top_k x ffn) at a time instead of holding the whole sequence's. Every token's routing
-    and arithmetic are the same, so the numbers are too.
+    With `module.token_chunk` set (`set_moe_token_chunk`) and more tokens than that, the experts run by
+    `_TokenChunkedExperts` instead: a block of at most token_chunk x top_k routed rows at a time, within one expert
+    group at a time (`module.expert_groups()`, whose weights `module.group_projection` prepares once per pass), and
+    backward keeps only the layer's inputs and recomputes one block at a time. Every token's routing and arithmetic
+    are the same, so the numbers are too.
     """
     batch_size = hidden_states.shape[0]
     x = hidden_states.reshape(-1, module.hidden_size)
     top_k_index = top_k_index.reshape(x.shape[0], top_k_index.shape[-1])  # explicit top_k: a batch may be empty
     top_k_weights = top_k_weights.reshape(x.shape[0], top_k_weights.shape[-1])
     chunk = getattr(module, "token_chunk", None)
-
-    def rows(x, top_k_index, top_k_weights):
-        return _expert_rows(module, x, top_k_index, top_k_weights, base_projection, lora_deltas)
-
     if chunk and x.shape[0] > chunk:
         trained = [param for param in module.parameters() if param.requires_grad]
         for deltas in (lora_deltas or {}).values():
             trained += [tensor for delta in deltas for tensor in (delta.down, delta.up) if tensor.requires_grad]
-        combined = _TokenChunkedExperts.apply(rows, chunk, x, top_k_index, top_k_weights, *trained)
+        combined = _TokenChunkedExperts.apply(module, lora_deltas or {}, chunk, x, top_k_index, top_k_weights, *trained)
     else:
-        combined = rows(x, top_k_index, top_k_weights)
+        routed = route_tokens(top_k_index, module.num_experts)
+        use_grouped = _use_grouped_mm(x)
+        counts = None if use_grouped else routed.counts.tolist()
+        sorted_x = gather_sorted_rows(x, routed, top_k_weights.shape[-1])
+        row_weights = _PermuteRows.apply(top_k_weights.reshape(-1), routed.order, routed.row_of_slot)
+        sorted_out = swiglu_experts(
+            module, sorted_x, row_weights, routed.offsets, counts, base_projection, lora_deltas or {}
+        )
+        combined = combine_expert_outputs(sorted_out, routed, top_k_weights.shape[-1])
     return combined.view(batch_size, -1, module.hidden_size)
 
 
-class _TokenChunkedExperts(torch.autograd.Function):
-    """The experts over token chunks: forward without a graph, backward recomputes and differentiates one chunk at a
-    time, so at most one chunk's routed intermediate is alive.
-
-    When the decoder layer around it is recomputed by activation checkpointing (non-reentrant or reentrant: a forward
-    run inside a backward pass), the experts' output is not computed again: that recompute only rebuilds the tensors
-    saved for backward, and in DBRX's block nothing after the experts saves their output (only the residual add and
-    dropout follow, and their backward reads no values). The inputs saved here are all this backward needs, so
-    without the skip every chunk would run three times per step instead of twice. The weights and LoRA factors the
-    chunks use (`trained`) are inputs only so that autograd calls this backward when they alone need gradients; their
-    gradients reach them through the per-chunk backward, as in reentrant checkpointing.
-    """
-
-    @staticmethod
-    def forward(ctx, rows, chunk, x, top_k_index, top_k_weights, *trained):
-        ctx.save_for_backward(x, top_k_index, top_k_weights)
-        ctx.rows, ctx.chunk = rows, chunk
-        if torch._C._current_graph_task_id() != -1:  # a checkpoint's recompute: the output is never read
-            return x.new_zeros(x.shape)
-        parts = zip(x.split(chunk), top_k_index.split(chunk), top_k_weights.split(chunk))
-        return torch.cat([rows(*part) for part in parts])
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, top_k_index, top_k_weights = ctx.saved_tensors
-        wants_x, wants_weights = ctx.needs_input_grad[2], ctx.needs_input_grad[4]
-        grad_x = torch.empty_like(x) if wants_x else None
-        grad_weights = torch.empty_like(top_k_weights) if wants_weights else None
-        for start in range(0, x.shape[0], ctx.chunk):
-            part = slice(start, start + ctx.chunk)
-            x_part = x[part].detach().requires_grad_(wants_x)
-            weights_part = top_k_weights[part].detach().requires_grad_(wants_weights)
-            with torch.enable_grad():
-                out = ctx.rows(x_part, top_k_index[part], weights_part)
-            torch.autograd.backward(out, grad_out[part])
-            if wants_x:
-                grad_x[part] = x_part.grad
-            if wants_weights:
-                grad_weights[part] = weights_part.grad
-        return None, None, grad_x, None, grad_weights, *(None for _ in ctx.needs_input_grad[5:])
-
-
-def _expert_rows(
-    module: nn.Module,
-    x: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    base_projection,
-    lora_deltas: Mapping[str, Sequence[LowRankDelta]] | None,
-) -> torch.Tensor:
-    """`run_experts` on the token rows x (tokens, d_model): route, project, combine; (tokens, d_model)."""
-    routed = route_tokens(top_k_index, module.num_experts)
+def _use_grouped_mm(x: torch.Tensor) -> bool:
     use_grouped = grouped_mm_supported(x.device, x.dtype)
     if not use_grouped:
         _warn_fallback_once(x.device, x.dtype)
-    counts = None if use_grouped else routed.counts.tolist()
-    lora_deltas = lora_deltas or {}
+    return use_grouped
+
+
+def swiglu_experts(
+    module: nn.Module,
+    sorted_x: torch.Tensor,
+    row_weights: torch.Tensor,
+    offsets: torch.Tensor,
+    counts: Sequence[int] | None,
+    base_projection,
+    lora_deltas: Mapping[str, Sequence[LowRankDelta]],
+) -> torch.Tensor:
+    """w2(silu(w1 x) * v1 x * router weight) on rows sorted by expert (offsets/counts over the experts that
+    `base_projection` and the LoRA deltas cover); (rows, d_model)."""
 
     def project(names: Sequence[str], inputs: torch.Tensor) -> list[torch.Tensor]:
         """Projections `names` of the same inputs, each plus its LoRA terms (all LoRA down projections at once)."""
         deltas = [(name, delta) for name in names for delta in lora_deltas.get(name, ())]
-        terms = low_rank_terms(inputs, [delta for _, delta in deltas], routed.offsets, counts)
+        terms = low_rank_terms(inputs, [delta for _, delta in deltas], offsets, counts)
         outputs = []
         for name in names:
-            out = base_projection(name, inputs, routed.offsets, counts)
+            out = base_projection(name, inputs, offsets, counts)
             for (owner, _), term in zip(deltas, terms):
                 if owner == name:
                     out = out + term
             outputs.append(out)
         return outputs
 
-    sorted_x = gather_sorted_rows(x, routed, top_k_weights.shape[-1])
     gate, up = project(("w1", "v1"), sorted_x)
-    row_weights = _PermuteRows.apply(top_k_weights.reshape(-1), routed.order, routed.row_of_slot)
     (sorted_out,) = project(("w2",), swiglu(gate, up, module.activation_fn, row_weights))
-    return combine_expert_outputs(sorted_out, routed, top_k_weights.shape[-1])
+    return sorted_out
+
+
+class _RowBlock(NamedTuple):
+    """Sorted rows [start, stop) of one expert group: `offsets` (device int32) or `counts` (host, the per-expert
+    loop) split them by expert for the GEMMs; `segments` are the per-expert row ranges, within which every token
+    appears at most once."""
+
+    start: int
+    stop: int
+    offsets: torch.Tensor
+    counts: list[int] | None
+    segments: list[tuple[int, int]]
+
+
+def _row_blocks(
+    row_starts: Sequence[int], offsets: torch.Tensor, start: int, end: int, max_rows: int, host_counts: bool
+) -> list[_RowBlock]:
+    """The sorted rows routed to experts [start, end) in blocks of at most `max_rows`.
+
+    row_starts: (n_experts + 1) host ints, where each expert's rows begin; offsets: their device int32 cumulative
+    sums (as `route_tokens` gives), clamped per block so no block needs a host-to-device copy.
+    """
+    blocks = []
+    for first in range(row_starts[start], row_starts[end], max_rows):
+        last = min(first + max_rows, row_starts[end])
+        bounds = [(max(row_starts[e], first), min(row_starts[e + 1], last)) for e in range(start, end)]
+        counts = [max(stop - begin, 0) for begin, stop in bounds]
+        block_offsets = (offsets[start:end] - first).clamp_(0, last - first)
+        segments = [(begin, stop) for begin, stop in bounds if stop > begin]
+        blocks.append(_RowBlock(first, last, block_offsets, counts if host_counts else None, segments))
+    return blocks
+
+
+def _group_deltas(
+    lora_deltas: Mapping[str, Sequence[LowRankDelta]], start: int, end: int, num_experts: int
+) -> dict[str, list[LowRankDelta]]:
+    """The LoRA factors of experts [start, end): views recorded by autograd even inside a backward pass (grad mode
+    is off there), so the per-block backward reaches the full factors and the LoRA weights."""
+    if (start, end) == (0, num_experts):
+        return {name: list(deltas) for name, deltas in lora_deltas.items()}
+    with torch.enable_grad():
+        return {
+            name: [LowRankDelta(delta.down[start:end], delta.up[start:end], delta.scaling) for delta in deltas]
+            for name, deltas in lora_deltas.items()
+        }
+
+
+class _TokenChunkedExperts(torch.autograd.Function):
+    """The experts in blocks of routed rows: forward without a graph, backward recomputes and differentiates one
+    block at a time, so at most one block's routed intermediate (token_chunk x top_k x ffn) is alive.
+
+    The blocks run one expert group after another (`module.expert_groups()`): each group's weights are prepared once
+    per pass (`module.group_projection`: for 4-bit experts, one dequantization of the group) and serve all its
+    blocks, forward or recompute and input gradient alike, instead of once per token chunk and GEMM. Outputs and
+    input gradients are summed per token in fp32, one expert at a time: within an expert every token appears once,
+    so the sums need no atomics and are deterministic.
+
+    When the decoder layer around it is recomputed by activation checkpointing (non-reentrant or reentrant: a forward
+    run inside a backward pass), the experts' output is not computed again: that recompute only rebuilds the tensors
+    saved for backward, and in DBRX's block nothing after the experts saves their output (only the residual add and
+    dropout follow, and their backward reads no values). The inputs saved here are all this backward needs, so
+    without the skip every block would run three times per step instead of twice. The weights and LoRA factors the
+    blocks use (`trained`) are inputs only so that autograd calls this backward when they alone need gradients; their
+    gradients reach them through the per-block backward, as in reentrant checkpointing.
+    """
+
+    @staticmethod
+    def forward(ctx, module, lora_deltas, chunk, x, top_k_index, top_k_weights, *trained):
+        ctx.save_for_backward(x, top_k_index, top_k_weights)
+        ctx.module, ctx.lora_deltas, ctx.chunk = module, lora_deltas, chunk
+        if torch._C._current_graph_task_id() != -1:  # a checkpoint's recompute: the output is never read
+            return x.new_zeros(x.shape)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        flat_weights = top_k_weights.reshape(-1)
+
+        def run_block(routed: RoutedTokens, block: _RowBlock, projection, deltas) -> None:
+            rows = slice(block.start, block.stop)
+            sorted_x = x.index_select(0, routed.token_index[rows])
+            row_weights = flat_weights.index_select(0, routed.order[rows])
+            sorted_out = swiglu_experts(module, sorted_x, row_weights, block.offsets, block.counts, projection, deltas)
+            _add_per_token(out, routed.token_index, sorted_out, block)
+
+        _for_each_block(module, lora_deltas, chunk, x, top_k_index, run_block)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, top_k_index, top_k_weights = ctx.saved_tensors
+        module = ctx.module
+        wants_x, wants_weights = ctx.needs_input_grad[3], ctx.needs_input_grad[5]
+        grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if wants_x else None
+        flat_weights = top_k_weights.reshape(-1)
+        grad_weights = torch.zeros_like(flat_weights) if wants_weights else None
+
+        def run_block(routed: RoutedTokens, block: _RowBlock, projection, deltas) -> None:
+            rows = slice(block.start, block.stop)
+            tokens, slots = routed.token_index[rows], routed.order[rows]
+            sorted_x = x.index_select(0, tokens).requires_grad_(wants_x)
+            row_weights = flat_weights.index_select(0, slots).requires_grad_(wants_weights)
+            with torch.enable_grad():
+                sorted_out = swiglu_experts(
+                    module, sorted_x, row_weights, block.offsets, block.counts, projection, deltas
+                )
+            if not sorted_out.requires_grad:
+                return
+            torch.autograd.backward(sorted_out, grad_out.index_select(0, tokens))
+            if wants_x:
+                _add_per_token(grad_x, routed.token_index, sorted_x.grad, block)
+            if wants_weights:
+                grad_weights.index_copy_(0, slots, row_weights.grad)  # each (token, slot) once
+
+        _for_each_block(module, ctx.lora_deltas, ctx.chunk, x, top_k_index, run_block)
+        grad_x = grad_x.to(x.dtype) if wants_x else None
+        grad_weights = grad_weights.view_as(top_k_weights) if wants_weights else None
+        return None, None, None, grad_x, None, grad_weights, *(None for _ in ctx.needs_input_grad[6:])
+
+
+def _for_each_block(module: nn.Module, lora_deltas, chunk: int, x: torch.Tensor, top_k_index: torch.Tensor, run_block):
+    """`run_block(routing, row block, projection, LoRA deltas)` for every block, one expert group after another.
+
+    A group's weights (`module.group_projection`) are built before its first block and dropped after its last,
+    before the next group's are built, so one group's weights are alive at a time.
+    """
+    routed = route_tokens(top_k_index, module.num_experts)
+    row_starts = [0, *routed.offsets.tolist()]  # one host sync per pass: the block bounds
+    host_counts = not _use_grouped_mm(x)
+    for start, end in module.expert_groups():
+        blocks = _row_blocks(row_starts, routed.offsets, start, end, chunk * top_k_index.shape[-1], host_counts)
+        if not blocks:
+            continue
+        projection = module.group_projection(start, end, x.dtype)
+        deltas = _group_deltas(lora_deltas, start, end, module.num_experts)
+        for block in blocks:
+            run_block(routed, block, projection, deltas)
+        del projection, deltas
+
+
+def _add_per_token(total: torch.Tensor, token_index: torch.Tensor, sorted_rows: torch.Tensor, block: _RowBlock):
+    """total[token] += row for the block's rows, one expert's segment at a time (its tokens are distinct)."""
+    for begin, stop in block.segments:
+        rows = sorted_rows[begin - block.start : stop - block.start]
+        total.index_add_(0, token_index[begin:stop], rows.to(total.dtype))
 
 
 def set_moe_token_chunk(model: nn.Module, tokens: int | None) -> nn.Module:

@@ -5,8 +5,9 @@ stays bf16 and stock QLoRA does not make DBRX small. `DbrxNF4Experts` stores eac
 weights as NF4 with blocks of 64 values that never straddle two experts, and double-quantized block scales
 (bitsandbytes `compress_statistics`). The forward dequantizes one group of experts at a time (all of them by
 default) into the compute dtype, runs the same grouped GEMM as `DbrxGroupedExperts`, and frees the group; the
-backward dequantizes again instead of keeping bf16 weights alive. LoRA (see `dbrx_tune.modeling.lora`) adds its
-per-expert low-rank terms on the routed tokens.
+backward dequantizes again instead of keeping bf16 weights alive. With MoE token chunks (long context) the three
+projections of a group are dequantized once per pass and serve every token block of that group. LoRA (see
+`dbrx_tune.modeling.lora`) adds its per-expert low-rank terms on the routed tokens.
 """
 
 from __future__ import annotations
@@ -145,6 +146,22 @@ class DbrxNF4Experts(nn.Module):
             return _FrozenNF4GroupedLinear.apply(inputs, self, name, offsets, counts)
 
         return run_experts(self, hidden_states, top_k_index, top_k_weights, base_projection, lora_deltas)
+
+    def expert_groups(self) -> list[tuple[int, int]]:
+        """Expert ranges of at most `experts_per_group`: the token-chunked path dequantizes one at a time."""
+        step = self.experts_per_group
+        return [(start, min(start + step, self.num_experts)) for start in range(0, self.num_experts, step)]
+
+    def group_projection(self, start: int, end: int, dtype: torch.dtype):
+        """`base_projection(name, rows, offsets, counts)` for the rows routed to experts [start, end), from one
+        dequantization of their three projections (`dtype`) that serves every token block of the group; autograd
+        gives inputs their gradients only (the 4-bit weights are frozen)."""
+        weights = {name: self.dequantize(name, dtype, start, end) for name in EXPERT_PROJECTIONS}
+
+        def base_projection(name: str, inputs: torch.Tensor, offsets: torch.Tensor, counts) -> torch.Tensor:
+            return grouped_linear(inputs, weights[name], offsets, counts)
+
+        return base_projection
 
     def grouped_matmul(
         self, name: str, rows: torch.Tensor, offsets: torch.Tensor, counts, transpose: bool

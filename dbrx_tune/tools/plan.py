@@ -281,7 +281,9 @@ def activations(
         logits = 3 * 4 * shape.vocab * tokens
     from dbrx_tune.training.offload import offloaded_activation_bytes
 
-    kept_inputs = offloaded_activation_bytes(shape.n_layers, shape.d_model, tokens)  # each block's bf16 input
+    # each block's bf16 input; under offload a DBRX block is checkpointed as two halves, each keeping its input
+    halves = 2 if offload and shape.is_moe else 1
+    kept_inputs = offloaded_activation_bytes(shape.n_layers, shape.d_model, tokens, inputs_per_layer=halves)
     # offloaded: the inputs of the block being recomputed and of the next one are on the GPU, the rest on the host
     on_gpu = min(kept_inputs, 2 * 2 * shape.d_model * tokens) if offload else kept_inputs
     return Activations(
@@ -394,10 +396,12 @@ def plan(
     expert_bytes_per = (NF4_NESTED_BYTES if shape.is_moe else linear_nf4) if method == "qlora" else 2
     weight_bytes = 2 * (total - attention - experts) + attention_bytes_per * attention + expert_bytes_per * experts
     adapter_bytes = 0 if method == "full" else 4 * trainable
-    # one projection's experts dequantized to bf16 at a time (`experts_per_group` of them, default all)
+    # `experts_per_group` experts (default all) dequantized to bf16 at a time: one projection, or all three when
+    # MoE token chunks reuse them for every chunk of a pass
     group = min(int(recipe_values.get("experts_per_group") or shape.experts), shape.experts)
     moments = 2 if "8bit" in str(recipe_values.get("optim") or "") else 8
-    dequant = 2 * group * shape.ffn * shape.d_model if method == "qlora" else 0
+    projections = 3 if moe_chunk and moe_chunk < seq * batch // sp else 1
+    dequant = projections * 2 * group * shape.ffn * shape.d_model if method == "qlora" else 0
     acts = activations(
         shape,
         seq * batch // sp,

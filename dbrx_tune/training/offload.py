@@ -3,7 +3,8 @@
 `activation_offload: true` turns on transformers' own activation-checkpointing offload
 (`activation_checkpointing_kwargs={"offload": True}`: each checkpointed block's saved inputs go to pinned host memory
 through `torch.autograd.graph.save_on_cpu` and come back for its recompute). Those inputs are
-`n_layers x tokens x d_model` values per rank, 16 GB for DBRX at 32k tokens, so a node needs that much free host
+`n_layers x tokens x d_model` values per rank, twice that for DBRX (its blocks are checkpointed by halves under
+offload: `dbrx_tune.modeling.checkpointing`), 32 GB at 32k tokens, so a node needs that much free host
 memory per local rank; a machine without it is refused here, with the numbers, instead of swapping or being killed by
 the OOM killer mid-run. On a CPU-only run the activations are in host memory already and the setting is a no-op
 (transformers' offload pins memory, which needs an accelerator).
@@ -25,9 +26,12 @@ logger = logging.getLogger(__name__)
 GB = 1e9
 
 
-def offloaded_activation_bytes(n_layers: int, d_model: int, tokens: int, bytes_per_value: int = 2) -> int:
-    """Host bytes activation offload holds per rank: every checkpointed block's input (tokens x d_model)."""
-    return n_layers * tokens * d_model * bytes_per_value
+def offloaded_activation_bytes(
+    n_layers: int, d_model: int, tokens: int, bytes_per_value: int = 2, inputs_per_layer: int = 1
+) -> int:
+    """Host bytes activation offload holds per rank: every checkpoint's input (tokens x d_model), one per layer, or
+    two for DBRX, whose blocks are checkpointed by halves under offload (`dbrx_tune.modeling.checkpointing`)."""
+    return n_layers * inputs_per_layer * tokens * d_model * bytes_per_value
 
 
 def available_host_memory() -> int:
@@ -58,11 +62,13 @@ def check_long_context_settings(recipe: Recipe, config: PretrainedConfig) -> Non
     tokens = (max_length or 1024) * args.per_device_train_batch_size
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     bytes_per_value = 2 if (args.bf16 or args.fp16) else 4
-    needed = local_ranks * offloaded_activation_bytes(n_layers, d_model, tokens, bytes_per_value)
+    halves = 2 if is_dbrx(config) else 1
+    needed = local_ranks * offloaded_activation_bytes(n_layers, d_model, tokens, bytes_per_value, halves)
     available = available_host_memory()
     if needed > available:
         raise ValueError(
-            f"activation_offload: {local_ranks} rank(s) x {n_layers} layers x {tokens} tokens x d_model {d_model} "
+            f"activation_offload: {local_ranks} rank(s) x {n_layers} layers x {halves} checkpoint input(s) x "
+            f"{tokens} tokens x d_model {d_model} "
             f"need {needed / GB:.1f} GB of host memory, {available / GB:.1f} GB is available; free memory, "
             "shorten max_length or set activation_offload: false"
         )
