@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections import defaultdict
 
 import torch
@@ -18,11 +19,19 @@ import torch
 _SKIPPED = ("/torch/", "/contextlib.py", "/functools.py", "bench/memory_trace.py")
 
 
+def _short(filename: str) -> str:
+    """The file's path below the longest `sys.path` entry holding it (the package path, not the install root)."""
+    for root in sorted((entry.rstrip("/") + "/" for entry in sys.path if entry), key=len, reverse=True):
+        if filename.startswith(root):
+            return filename[len(root) :]
+    return filename
+
+
 def _site(frames: list[dict], depth: int) -> str:
     """The `depth` innermost frames outside torch's own files, innermost first: where a block came from."""
-    kept = [f"{frame['filename'].split('site-packages/')[-1]}:{frame['line']} {frame['name']}" for frame in frames]
-    kept = [site for site, frame in zip(kept, frames) if not any(part in frame["filename"] for part in _SKIPPED)]
-    return " <- ".join(kept[:depth]) or "(torch internals)"
+    kept = [frame for frame in frames if not any(part in frame["filename"] for part in _SKIPPED)]
+    sites = [f"{_short(frame['filename'])}:{frame['line']} {frame['name']}" for frame in kept[:depth]]
+    return " <- ".join(sites) or "(torch internals)"
 
 
 def peak_composition(snapshot: dict, depth: int = 3, top: int = 25) -> dict:

@@ -48,6 +48,7 @@ from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_moe_token_chunk
 from dbrx_tune.modeling.lora import apply_expert_lora
 from dbrx_tune.modeling.moe_loss import sync_moe_config
+from dbrx_tune.modeling.norms import keep_norms_in_input_dtype
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts
 from dbrx_tune.modeling.router import use_out_of_place_jitter
 
@@ -279,6 +280,7 @@ def main() -> None:
     model = build_qlora_base(config, device, dtype, args.attention, args.experts_per_group)
     build_peak = peak()
     use_out_of_place_jitter(model)  # as dbrx_tune.build.finish_model: transformers' router scales its input in place
+    keep_norms_in_input_dtype(model)  # and: no fp32 input copies of the LayerNorms under autocast
     if args.checkpoint_halves:
         checkpoint_blocks_by_halves(model)
     model.activation_checkpointing_enable(

@@ -29,6 +29,7 @@ from dbrx_tune.modeling.checkpointing import checkpoint_blocks_by_halves
 from dbrx_tune.modeling.config import NotDbrxConfigError, load_dbrx_config
 from dbrx_tune.modeling.experts import set_experts_precision, set_moe_token_chunk
 from dbrx_tune.modeling.moe_loss import sync_moe_config
+from dbrx_tune.modeling.norms import keep_norms_in_input_dtype
 from dbrx_tune.modeling.router import use_out_of_place_jitter
 from dbrx_tune.modeling.seq_cls import DbrxForSequenceClassification
 from dbrx_tune.modeling.value_head import DbrxForTokenValue
@@ -103,11 +104,13 @@ def check_experts_precision(model_args: ModelArguments, deepspeed: str | dict | 
 
 def finish_model(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
     """Steps every DBRX model goes through after construction, whatever its head: out-of-place router jitter,
-    blocks checkpointed by halves where activation offload keeps checkpoint inputs on the host, the experts
-    implementation (also on ZeRO-3 partitioned weights) and precision, then ZeRO-3 leaf modules or AutoEP."""
+    LayerNorms without autocast's fp32 input copies, blocks checkpointed by halves where activation offload keeps
+    checkpoint inputs on the host, the experts implementation (also on ZeRO-3 partitioned weights) and precision,
+    then ZeRO-3 leaf modules or AutoEP."""
     if not is_dbrx(model):
         return model
     use_out_of_place_jitter(model)
+    keep_norms_in_input_dtype(model)
     if model_args.activation_offload:
         checkpoint_blocks_by_halves(model)
     apply_experts_implementation(model, model_args.experts_implementation)
