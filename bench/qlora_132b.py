@@ -18,8 +18,14 @@ Memory is reported in GB (1e9 bytes) and GiB from `torch.cuda.memory_allocated`/
     peak_gb          peak over every step (`first_step_peak_gb`: the first alone)
 
     python bench/qlora_132b.py [--seq-len 4096] [--layers 40] [--attention nf4|bf16] [--lora-r 16]
-        [--activation-offload] [--moe-token-chunk N] [--optim adamw|adamw_8bit] [--steps 1]
+        [--activation-offload] [--moe-token-chunk N] [--optim adamw|adamw_8bit] [--autocast] [--steps 1]
     python bench/qlora_132b.py --recipe recipes/dbrx_sft_qlora_32k.yaml --steps 3   # a recipe's own settings
+    python bench/qlora_132b.py --recipe ... --layers 3 --steps 2 --memory-trace peak.json  # what the peak holds
+
+The model goes through the steps training applies after loading (`dbrx_tune.build.finish_model`): out-of-place
+router jitter, LayerNorms outside autocast, and with `--activation-offload` blocks checkpointed by halves
+(`--no-checkpoint-halves` to compare); PEFT sees it as bitsandbytes-loaded, so NF4 attention gets PEFT's bnb LoRA
+layer. `--recipe` also sets `--autocast` from `bf16: true`: accelerate runs such a recipe's forward under autocast.
     python bench/qlora_132b.py --smoke --output /tmp/qlora.json     # tiny model on the CPU, seconds
 
 With `--steps N` > 1 the first step and the steady steps are reported apart: the first pays one-off costs (pinned
