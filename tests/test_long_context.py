@@ -66,8 +66,10 @@ def test_moe_token_chunks_give_the_same_loss_and_gradients(four_bit, experts_per
     _assert_same(whole, _loss_and_grads(model, input_ids))
 
 
-def test_moe_token_chunks_train_full_experts_the_same():
-    """Without LoRA the expert weights themselves are trained: their gradients come through the per-chunk backward."""
+@pytest.mark.parametrize("split_groups", [False, True], ids=["one-group", "expert-groups"])
+def test_moe_token_chunks_train_full_experts_the_same(split_groups):
+    """Without LoRA the expert weights themselves are trained: their gradients come through the per-block backward,
+    also when the blocks run over slices of the weights (expert groups)."""
     torch.manual_seed(0)
     config = tiny_dbrx_config(vocab_size=256, pad_token_id=255, bos_token_id=254, eos_token_id=254)
     model = set_experts_implementation(DbrxForCausalLM(config).float(), "grouped").train()
@@ -76,6 +78,10 @@ def test_moe_token_chunks_train_full_experts_the_same():
     whole = _loss_and_grads(model, input_ids)
     assert any(".experts.w1" in name for name in whole[1])
     set_moe_token_chunk(model, 10)
+    if split_groups:
+        for experts in model.modules():
+            if hasattr(type(experts), "token_chunk"):
+                experts.expert_groups = lambda: ((0, 1), (1, 4))
     _assert_same(whole, _loss_and_grads(model, input_ids))
 
 

@@ -195,9 +195,10 @@ class DbrxGroupedExperts(nn.Module):
         """`base_projection(name, rows, offsets, counts)` for the rows routed to experts [start, end); FP8 GEMMs
         (their weight cache is per whole projection) where `precision` asks and the range is every expert."""
         whole = (start, end) == (0, self.num_experts)
-        weights = {
-            name: getattr(self, name) if whole else getattr(self, name)[start:end] for name in EXPERT_PROJECTIONS
-        }
+        with torch.enable_grad():  # slices keep their gradient path even when built inside a backward pass
+            weights = {
+                name: getattr(self, name) if whole else getattr(self, name)[start:end] for name in EXPERT_PROJECTIONS
+            }
         use_fp8 = whole and self.precision == "fp8" and _fp8_runs_here(self.w1.device, self.w1.dtype)
 
         def base_projection(name: str, inputs: torch.Tensor, offsets: torch.Tensor, counts) -> torch.Tensor:
@@ -217,7 +218,8 @@ def run_experts(
     lora_deltas: Mapping[str, Sequence[LowRankDelta]] | None = None,
 ) -> torch.Tensor:
     """The SwiGLU experts over tokens sorted by expert; `base_projection(name, rows, offsets, counts)` supplies
-    the frozen or trainable weights (bf16 3D or dequantized 4-bit), LoRA deltas are added on the same rows.
+    the frozen or trainable weights (bf16 3D or dequantized 4-bit) of the whole-batch path, LoRA deltas are added on
+    the same rows.
 
     With `module.token_chunk` set (`set_moe_token_chunk`) and more tokens than that, the experts run by
     `_TokenChunkedExperts` instead: a block of at most token_chunk x top_k routed rows at a time, within one expert
