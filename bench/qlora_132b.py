@@ -21,12 +21,13 @@ Memory is reported in GB (1e9 bytes) and GiB from `torch.cuda.memory_allocated`/
         [--activation-offload] [--moe-token-chunk N] [--optim adamw|adamw_8bit] [--autocast] [--steps 1]
     python bench/qlora_132b.py --recipe recipes/dbrx_sft_qlora_32k.yaml --steps 3   # a recipe's own settings
     python bench/qlora_132b.py --recipe ... --layers 3 --steps 2 --memory-trace peak.json  # what the peak holds
-
-The model goes through the steps training applies after loading (`dbrx_tune.build.finish_model`): out-of-place
-router jitter, LayerNorms outside autocast, and with `--activation-offload` blocks checkpointed by halves
-(`--no-checkpoint-halves` to compare); PEFT sees it as bitsandbytes-loaded, so NF4 attention gets PEFT's bnb LoRA
-layer. `--recipe` also sets `--autocast` from `bf16: true`: accelerate runs such a recipe's forward under autocast.
     python bench/qlora_132b.py --smoke --output /tmp/qlora.json     # tiny model on the CPU, seconds
+
+The model goes through the block steps training applies after loading (`dbrx_tune.build.prepare_dbrx_blocks`):
+out-of-place router jitter, LayerNorms outside autocast, and with `--activation-offload` blocks checkpointed by
+halves (`--no-checkpoint-halves` to compare); PEFT sees it as bitsandbytes-loaded, so NF4 attention gets PEFT's bnb
+LoRA layer. `--recipe` also sets `--autocast` from `bf16: true`: accelerate runs such a recipe's forward under
+autocast.
 
 With `--steps N` > 1 the first step and the steady steps are reported apart: the first pays one-off costs (pinned
 host buffers for the offload, kernel autotuning) and has no optimizer state yet; `step_s` is the mean of the later
@@ -49,14 +50,12 @@ from transformers import DbrxConfig, DbrxForCausalLM
 from transformers.models.dbrx.modeling_dbrx import DbrxRotaryEmbedding
 from trl.trainer.utils import add_fused_lm_head
 
-from dbrx_tune.modeling.checkpointing import checkpoint_blocks_by_halves
+from dbrx_tune.build import prepare_dbrx_blocks
 from dbrx_tune.modeling.config import dbrx_base_config, tiny_dbrx_config
 from dbrx_tune.modeling.experts import set_moe_token_chunk
 from dbrx_tune.modeling.lora import apply_expert_lora
 from dbrx_tune.modeling.moe_loss import sync_moe_config
-from dbrx_tune.modeling.norms import keep_norms_in_input_dtype
 from dbrx_tune.modeling.quantized_experts import DbrxNF4Experts
-from dbrx_tune.modeling.router import use_out_of_place_jitter
 
 logger = logging.getLogger("bench.qlora_132b")
 
@@ -285,10 +284,7 @@ def main() -> None:
     began = time.perf_counter()
     model = build_qlora_base(config, device, dtype, args.attention, args.experts_per_group)
     build_peak = peak()
-    use_out_of_place_jitter(model)  # as dbrx_tune.build.finish_model: transformers' router scales its input in place
-    keep_norms_in_input_dtype(model)  # and: no fp32 input copies of the LayerNorms under autocast
-    if args.checkpoint_halves:
-        checkpoint_blocks_by_halves(model)
+    prepare_dbrx_blocks(model, by_halves=args.checkpoint_halves)  # as dbrx_tune.build.finish_model does
     model.activation_checkpointing_enable(
         activation_checkpointing_kwargs={"use_reentrant": False}, offload=args.activation_offload and on_cuda
     )

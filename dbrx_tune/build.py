@@ -102,6 +102,15 @@ def check_experts_precision(model_args: ModelArguments, deepspeed: str | dict | 
         )
 
 
+def prepare_dbrx_blocks(model: PreTrainedModel, *, by_halves: bool) -> None:
+    """The block-level steps of `finish_model`, also for models built by hand (bench/qlora_132b.py): out-of-place
+    router jitter, LayerNorms without autocast's fp32 input copies, and (`by_halves`) blocks checkpointed by halves."""
+    use_out_of_place_jitter(model)
+    keep_norms_in_input_dtype(model)
+    if by_halves:
+        checkpoint_blocks_by_halves(model)
+
+
 def finish_model(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
     """Steps every DBRX model goes through after construction, whatever its head: out-of-place router jitter,
     LayerNorms without autocast's fp32 input copies, blocks checkpointed by halves where activation offload keeps
@@ -109,10 +118,8 @@ def finish_model(model: PreTrainedModel, model_args: ModelArguments) -> PreTrain
     then ZeRO-3 leaf modules or AutoEP."""
     if not is_dbrx(model):
         return model
-    use_out_of_place_jitter(model)
-    keep_norms_in_input_dtype(model)
-    if model_args.activation_offload:
-        checkpoint_blocks_by_halves(model)
+    # by halves where activation offload keeps the checkpoint inputs on the host (dbrx_tune.modeling.checkpointing)
+    prepare_dbrx_blocks(model, by_halves=model_args.activation_offload)
     apply_experts_implementation(model, model_args.experts_implementation)
     set_experts_precision(model, model_args.experts_precision)
     prepare_for_deepspeed(model)
